@@ -1,0 +1,93 @@
+"""account: read the real token usage out of a response as it streams past, and price it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .policy.spec import PriceSpec
+
+# A JSON body is copied aside (up to this size) while it streams to the agent, to read `usage` at the end.
+MAX_JSON_COPY = 8 * 2**20
+
+
+@dataclass(slots=True)
+class Usage:
+    input: int = 0
+    output: int = 0
+
+    def merge(self, usage: Mapping[str, Any]) -> None:
+        # OpenAI chat uses prompt/completion; Responses and Anthropic use input/output. Anthropic streams
+        # report input in message_start and output in message_delta, so keep the largest of each.
+        for key in ("prompt_tokens", "input_tokens"):
+            value = usage.get(key)
+            if isinstance(value, int):
+                self.input = max(self.input, value)
+        for key in ("completion_tokens", "output_tokens"):
+            value = usage.get(key)
+            if isinstance(value, int):
+                self.output = max(self.output, value)
+
+
+def _usage_in(obj: Any) -> Mapping[str, Any] | None:
+    if not isinstance(obj, dict):
+        return None
+    for holder in (obj, obj.get("message"), obj.get("response")):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            usage: Mapping[str, Any] = holder["usage"]
+            return usage
+    return None
+
+
+class UsageMeter:
+    """Fed every response chunk; finds `usage` in a JSON body or in SSE `data:` events."""
+
+    def __init__(self, content_type: str) -> None:
+        self.sse = content_type.startswith("text/event-stream")
+        self.json = content_type.startswith("application/json")
+        self.usage: Usage | None = None
+        self._buffer = bytearray()
+        self._overflow = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.sse:
+            self._buffer += chunk
+            *lines, rest = self._buffer.split(b"\n")
+            self._buffer = bytearray(rest)
+            for line in lines:
+                # Only events that mention usage are parsed: most stream chunks are skipped unread.
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    self._take(line[5:])
+        elif self.json and not self._overflow:
+            self._buffer += chunk
+            if len(self._buffer) > MAX_JSON_COPY:
+                self._overflow = True
+                self._buffer = bytearray()
+
+    def finish(self) -> Usage | None:
+        if self.sse and self._buffer.startswith(b"data:"):
+            self._take(bytes(self._buffer[5:]))
+        elif self.json and self._buffer:
+            self._take(bytes(self._buffer))
+        self._buffer = bytearray()
+        return self.usage
+
+    def _take(self, data: bytes | bytearray) -> None:
+        try:
+            usage = _usage_in(orjson.loads(data))
+        except orjson.JSONDecodeError:
+            return
+        if usage is not None:
+            if self.usage is None:
+                self.usage = Usage()
+            self.usage.merge(usage)
+
+
+def cost_usd(prices: Mapping[str, PriceSpec], model: str | None, usage: Usage) -> float | None:
+    price = prices.get(model or "")
+    if price is None:
+        return None
+    return round((usage.input * price.input_per_mtok + usage.output * price.output_per_mtok) / 1e6, 8)

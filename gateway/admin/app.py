@@ -1,0 +1,80 @@
+"""The admin API: health and readiness, and the approval queue (list, approve, deny)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..approvals import CATEGORIES, ApprovalConflict
+from ..runtime import RUNTIME
+from .auth import admin_auth, admin_error, require_role
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    body = {"ready": rt.ready, "policy_version": rt.policy.version}
+    return _json(body, 200 if rt.ready else 503)
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    require_role(request, "admin", "approver")
+    rt = request.app[RUNTIME]
+    status = request.query.get("status")
+    agent = request.query.get("agent")
+    return _json({"approvals": [a.public() for a in rt.approvals.list(status=status, agent=agent)]})
+
+
+async def _decide(request: web.Request, approve: bool) -> web.Response:
+    admin = require_role(request, "admin", "approver")
+    rt = request.app[RUNTIME]
+    body: Any = {}
+    if request.can_read_body:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return admin_error(400, "bad_request", "body must be JSON: {\"reason\": ..., \"category\": ...}")
+    if not isinstance(body, dict):
+        return admin_error(400, "bad_request", "body must be a JSON object")
+    reason = body.get("reason")
+    category = body.get("category")
+    if reason is not None and not isinstance(reason, str):
+        return admin_error(400, "bad_request", "'reason' must be a string")
+    if category is not None and category not in CATEGORIES:
+        return admin_error(400, "bad_request", f"'category' must be one of {', '.join(CATEGORIES)}")
+    approval_id = request.match_info["id"]
+    try:
+        # The approver is who the credential says, never the body's `by` (which is ignored).
+        approval = rt.approvals.decide(approval_id, approve, admin.name, reason, category)
+    except KeyError:
+        return admin_error(404, "not_found", f"no approval {approval_id!r}")
+    except ApprovalConflict as exc:
+        return admin_error(409, "conflict", str(exc))
+    return _json(approval.public())
+
+
+async def approve(request: web.Request) -> web.Response:
+    return await _decide(request, True)
+
+
+async def deny(request: web.Request) -> web.Response:
+    return await _decide(request, False)
+
+
+def admin_app() -> web.Application:
+    app = web.Application(middlewares=[admin_auth])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/approvals", list_approvals)
+    app.router.add_post("/approvals/{id}/approve", approve)
+    app.router.add_post("/approvals/{id}/deny", deny)
+    return app

@@ -1,0 +1,163 @@
+"""The `agent-gateway` command: serve, token, rules check|test, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+
+from .policy.spec import RuleSetInvalid
+from .settings import DEFAULT_MAX_BODY, Settings, process_env, read_secret
+
+
+def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
+    return env.get(f"AGENT_GATEWAY_{name}", default)
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
+    p = sub.add_parser("serve", help="run the gateway",
+                       description="Run the gateway. Every flag also reads AGENT_GATEWAY_<FLAG> "
+                                   "(e.g. AGENT_GATEWAY_ADMIN_PORT).")
+    p.add_argument("--rules", default=_env(env, "RULES", "rules"), help="rules directory (default: rules)")
+    p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"), help="agents' listener address")
+    p.add_argument("--port", type=int, default=int(_env(env, "PORT", "8080") or 8080), help="agents' port (8080)")
+    p.add_argument("--admin-host", default=_env(env, "ADMIN_HOST", "127.0.0.1"),
+                   help="admin listener address (default loopback)")
+    p.add_argument("--admin-port", type=int, default=int(_env(env, "ADMIN_PORT", "8081") or 8081),
+                   help="admin port (8081)")
+    p.add_argument("--trace", default=_env(env, "TRACE", "-"), help="trace output: '-' for stdout, or a file path")
+    p.add_argument("--max-body", type=int, default=int(_env(env, "MAX_BODY", str(DEFAULT_MAX_BODY)) or 0),
+                   help="largest request body in bytes (16 MiB)")
+    p.add_argument("--jwt-secret-file", default=_env(env, "JWT_SECRET_FILE"),
+                   help="file holding the HS256 secret (or set AGENT_GATEWAY_JWT_SECRET)")
+    p.add_argument("--jwks-file", default=_env(env, "JWKS_FILE"), help="JWKS file with agents' public keys")
+    p.add_argument("--jwks-url", default=_env(env, "JWKS_URL"), help="JWKS URL with agents' public keys")
+    p.add_argument("--jwt-audience", default=_env(env, "JWT_AUDIENCE", "agent-gateway"), help="required token aud")
+    p.add_argument("--jwt-issuer", default=_env(env, "JWT_ISSUER"), help="required token iss, if set")
+    p.add_argument("--admin-token-file", default=_env(env, "ADMIN_TOKEN_FILE"),
+                   help="file holding the admin token (or set AGENT_GATEWAY_ADMIN_TOKEN)")
+    p.add_argument("--hold-timeout", type=float, default=float(_env(env, "HOLD_TIMEOUT", "900") or 900),
+                   help="seconds a held call waits when its rule names no timeout (900)")
+    p.add_argument("--drain-timeout", type=float, default=float(_env(env, "DRAIN_TIMEOUT", "30") or 30),
+                   help="seconds SIGTERM waits for in-flight calls (30)")
+
+
+def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    admin = read_secret(env.get("AGENT_GATEWAY_ADMIN_TOKEN"), args.admin_token_file)
+    return Settings(
+        rules=args.rules, host=args.host, port=args.port, admin_host=args.admin_host, admin_port=args.admin_port,
+        trace=args.trace, max_body=args.max_body,
+        jwt_secret=read_secret(env.get("AGENT_GATEWAY_JWT_SECRET"), args.jwt_secret_file),
+        jwks_file=args.jwks_file, jwks_url=args.jwks_url, jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer, admin_token=admin.decode() if admin else None,
+        hold_timeout=args.hold_timeout, drain_timeout=args.drain_timeout, env=env)
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent-gateway", description="Policy-enforcement gateway for AI agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub, env)
+
+    token = sub.add_parser("token", help="print a development JWT for an agent (HS256)")
+    token.add_argument("--agent", required=True, help="agent id (the token's sub)")
+    token.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 2d (default 1h)")
+    token.add_argument("--role", choices=["admin", "approver"],
+                       help="issue an admin-side token with this role instead of an agent token")
+    token.add_argument("--jwt-secret-file", default=_env(env, "JWT_SECRET_FILE"))
+    token.add_argument("--jwt-audience", default=None, help="audience (default agent-gateway, or "
+                                                            "agent-gateway-admin with --role)")
+    token.add_argument("--jwt-issuer", default=_env(env, "JWT_ISSUER"))
+
+    rules = sub.add_parser("rules", help="check and test rule files offline")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate a rules directory; exit 1 with every error")
+    check.add_argument("directory", nargs="?", default=_env(env, "RULES", "rules"))
+    test = rules_sub.add_parser("test", help="run golden cases (request -> expected decision) offline")
+    test.add_argument("directory", nargs="?", default=_env(env, "RULES", "rules"))
+    test.add_argument("cases", nargs="*", help="case files or directories (default DIR/tests)")
+
+    demo = sub.add_parser("demo", help="run the gateway with fake upstreams and a scripted agent (no API keys)")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--admin-port", type=int, default=8081)
+    demo.add_argument("--rules", default="rules")
+    demo.add_argument("--exit", action="store_true", help="exit after the scripted agent instead of serving")
+    return parser
+
+
+def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .tokens import issue_token, parse_ttl
+
+    secret = read_secret(env.get("AGENT_GATEWAY_JWT_SECRET"), args.jwt_secret_file)
+    if not secret:
+        print("agent-gateway token: set AGENT_GATEWAY_JWT_SECRET or --jwt-secret-file", file=sys.stderr)
+        return 2
+    audience = args.jwt_audience or ("agent-gateway-admin" if args.role else "agent-gateway")
+    extra = {"role": args.role} if args.role else None
+    try:
+        print(issue_token(args.agent, secret, parse_ttl(args.ttl), audience=audience, issuer=args.jwt_issuer,
+                          extra=extra))
+    except ValueError as exc:
+        print(f"agent-gateway token: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _rules_check(directory: str, env: Mapping[str, str]) -> int:
+    from .policy.compile import compile_policy
+    from .policy.load import load_rules, summary
+
+    try:
+        ruleset = load_rules(directory, env)
+        compile_policy(ruleset)
+    except RuleSetInvalid as invalid:
+        for error in invalid.errors:
+            print(error)
+        print(f"{len(invalid.errors)} error(s) in {directory}", file=sys.stderr)
+        return 1
+    print(summary(ruleset))
+    return 0
+
+
+def _rules_test(directory: str, cases: Sequence[str], env: Mapping[str, str]) -> int:
+    from .policy.cases import run_case_files
+
+    try:
+        return int(run_case_files(directory, cases, env, out=sys.stdout))
+    except RuleSetInvalid as invalid:
+        for error in invalid.errors:
+            print(error)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    env = process_env()
+    args = build_parser(env).parse_args(argv)
+    if args.command == "serve":
+        from .server import serve
+
+        settings = settings_from(args, env)
+        try:
+            serve(settings)
+        except RuleSetInvalid as invalid:
+            for error in invalid.errors:
+                print(error, file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"agent-gateway serve: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "token":
+        return _token(args, env)
+    if args.command == "rules":
+        if args.rules_command == "check":
+            return _rules_check(args.directory, env)
+        return _rules_test(args.directory, args.cases, env)
+    if args.command == "demo":
+        from .demo.run import run_demo
+
+        return int(run_demo(args.rules, args.port, args.admin_port, serve_after=not args.exit, env=env))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

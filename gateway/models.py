@@ -1,0 +1,66 @@
+"""Frozen values that cross pipeline stages: who is calling, what they want, and what was decided."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Outcome = Literal["allow", "deny", "hold"]
+Mode = Literal["audit", "assist", "automate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An authenticated agent identity (the JWT `sub`, which names an agent in the rules)."""
+
+    id: str
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What one request (or one JSON-RPC element) asks to do, as the rules see it."""
+
+    upstream: str
+    kind: str
+    verb: str
+    resource: str | None = None
+    tool: str | None = None
+    model: str | None = None
+    stream: bool = False
+    # MCP session plumbing (initialize, ping, tools/list...): allowed for any agent holding a grant upstream.
+    plumbing: bool = False
+    estimated_tokens: int = 0
+    # Extra values rules may read as `action.attributes.*` (e.g. MCP tool arguments).
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+    # The JSON value rules see as `request.json` for this action (the whole body, or one batch element).
+    json: Any = None
+
+    def as_cel(self) -> dict[str, Any]:
+        return {
+            "upstream": self.upstream,
+            "kind": self.kind,
+            "verb": self.verb,
+            "resource": self.resource or "",
+            "tool": self.tool or "",
+            "model": self.model or "",
+            "stream": self.stream,
+            "estimated_tokens": self.estimated_tokens,
+            "attributes": dict(self.attributes),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer for one action, naming the rule and version behind it."""
+
+    outcome: Outcome
+    rule: str
+    policy_version: str
+    mode: Mode
+    reason: str
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+    # Hold-only: how long the call may wait for a human, in seconds.
+    timeout: float | None = None

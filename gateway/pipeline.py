@@ -1,0 +1,228 @@
+"""The request pipeline, in order. Each stage is its own module; this one only sequences them.
+
+    identify -> classify -> decide -> (hold) -> forward -> account
+Why this order: identity first, so an unauthenticated caller learns nothing about upstreams or rules;
+the body is read (bounded) before classify, because the decision must be made on exactly the bytes that
+are forwarded; decide before any upstream I/O; hold keeps the connection open and re-enters forward only
+with a human's approval; account reads usage from the response while it streams to the agent. Every
+path out, error or not, writes exactly one trace event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import forward
+from .account import UsageMeter, cost_usd
+from .classify import Classified, classify
+from .classify.mcp import tool_action
+from .errors import GatewayError, bad_request
+from .incoming import Incoming
+from .models import Action, Agent, Decision
+from .paths import normalise, split_upstream
+from .policy.compile import AgentPolicy, Policy, Upstream
+from .policy.decide import decide_each, may_call_tool
+from .policy.spec import UpstreamSpec
+from .responses import error_response
+from .runtime import RUNTIME, Runtime
+from .toolfilter import filter_tools
+from .trace.event import TraceEvent, new_span_id, new_trace_id
+from .tracecontext import parse_traceparent
+
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """The agents' port: every request, whatever its path, comes through here."""
+    rt = request.app[RUNTIME]
+    policy = rt.policy  # pinned: a reload mid-request does not change this request's rules
+    started = time.perf_counter()
+    trace_id, flags = parse_traceparent(request.headers.get("traceparent"))
+    event = TraceEvent(trace_id=trace_id or new_trace_id(), span_id=new_span_id(), method=request.method)
+    event.policy_version = policy.version
+    kind: str | None = None
+    classified: Classified | None = None
+    batch_errors: dict[int, GatewayError] | None = None
+    try:
+        raw_path, _, query = request.raw_path.partition("?")
+        path = normalise(raw_path)
+        event.path = path
+        name, subpath = split_upstream(path)
+        upstream = policy.upstreams.get(name)
+        kind = upstream.spec.kind if upstream else None
+        agent = await rt.authenticator.authenticate(request.headers)
+        event.agent = agent.id
+        if upstream is None:
+            raise bad_request(f"unknown upstream {name!r}: the first path segment must name an upstream")
+        event.upstream = name
+        for header in METHOD_OVERRIDE_HEADERS:
+            if header in request.headers:
+                raise bad_request(f"method-override header {header!r} is refused")
+        body = await read_body(request, rt.settings.max_body)
+        incoming = Incoming(request.method, subpath, query, request.headers, body)
+        classified = classify(upstream.spec, upstream.routes, incoming)
+        agent_policy = policy.agents[agent.id]
+        decision, action, batch_errors = decide_all(policy, agent_policy, classified, incoming, event)
+        if decision.outcome == "deny":
+            raise GatewayError("policy_denied", decision.reason, rule=decision.rule)
+        if decision.outcome == "hold":
+            await hold(rt, agent, action, decision, incoming, event)
+        return await forward_call(request, rt, upstream, agent_policy, classified, incoming, query, event,
+                                  trace_flags=flags)
+    except GatewayError as error:
+        event.error = error.type
+        event.status = error.status
+        if event.reason is None:
+            event.reason = error.message
+        rpc = classified.rpc if classified else None
+        return error_response(kind, error, event.trace_id, rpc, batch_errors)
+    except asyncio.CancelledError:
+        event.error = "client_disconnected"
+        event.status = 499
+        raise
+    finally:
+        event.latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        rt.sink.emit(event)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` whether or not it declared a length (chunked included)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
+    chunks = bytearray()
+    async for chunk in request.content.iter_any():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
+    return bytes(chunks)
+
+
+def decide_all(policy: Policy, agent: AgentPolicy, classified: Classified, incoming: Incoming,
+               event: TraceEvent) -> tuple[Decision, Action, dict[int, GatewayError] | None]:
+    """decide, and record it: the deciding action's fields, and each batch element's decision."""
+    (decision, action), decisions = decide_each(policy, agent, classified.actions, incoming)
+    event.verb, event.resource, event.tool, event.model = action.verb, action.resource, action.tool, action.model
+    event.stream = action.stream or None
+    event.decision, event.rule, event.mode = decision.outcome, decision.rule, decision.mode
+    event.reason = decision.reason
+    event.evidence = dict(decision.evidence) or None
+    refused: dict[int, GatewayError] | None = None
+    if len(decisions) > 1:
+        event.detail = {"elements": [
+            {"verb": a.verb, "resource": a.resource, "tool": a.tool, "decision": d.outcome, "rule": d.rule}
+            for d, a in decisions]}
+        # A refused batch answers each denied element with its own rule, the others with the batch's.
+        refused = {i: GatewayError("policy_denied", d.reason, rule=d.rule)
+                   for i, (d, _) in enumerate(decisions) if d.outcome == "deny"}
+    return decision, action, refused
+
+
+def fingerprint(agent: str, upstream: str, incoming: Incoming) -> str:
+    """What an approval covers: this agent, upstream, method, normalised path, query and exact body."""
+    digest = hashlib.sha256()
+    for part in (agent, upstream, incoming.method, incoming.path, incoming.query):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    digest.update(hashlib.sha256(incoming.body).digest())
+    return digest.hexdigest()
+
+
+async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, incoming: Incoming,
+               event: TraceEvent) -> None:
+    """Park the call until a human decides or the rule's timeout passes; raise unless approved."""
+    approval = rt.approvals.open(
+        agent=agent.id, upstream=action.upstream, verb=action.verb, resource=action.resource, tool=action.tool,
+        rule=decision.rule, reason=decision.reason, fingerprint=fingerprint(agent.id, action.upstream, incoming),
+        evidence=dict(decision.evidence), timeout=decision.timeout or rt.policy.default_hold_timeout)
+    event.approval = {"id": approval.id, "outcome": "pending"}
+    waited = time.perf_counter()
+    try:
+        status = await rt.approvals.wait(approval)
+    finally:
+        event.approval = {"id": approval.id, "by": approval.decided_by, "outcome": approval.status,
+                          "waited_ms": round((time.perf_counter() - waited) * 1000, 3)}
+        if approval.decision_reason:
+            event.approval["reason"] = approval.decision_reason
+    if status == "approved":
+        return
+    if status == "denied":
+        why = f": {approval.decision_reason}" if approval.decision_reason else ""
+        raise GatewayError("approval_denied", f"a human denied this call{why}", rule=decision.rule)
+    raise GatewayError("approval_timeout", f"nobody approved this call within {decision.timeout:g}s",
+                       rule=decision.rule)
+
+
+async def forward_call(request: web.Request, rt: Runtime, upstream: Upstream, agent: AgentPolicy,
+                       classified: Classified, incoming: Incoming, query: str, event: TraceEvent,
+                       trace_flags: str) -> web.StreamResponse:
+    """forward + account: stream the upstream's answer to the agent, reading usage on the way."""
+    spec = upstream.spec
+    traceparent = f"00-{event.trace_id}-{event.span_id}-{trace_flags}"
+    headers = forward.upstream_headers(request.headers, spec, traceparent)
+    url = forward.target_url(spec, incoming.path, query)
+    sent = time.perf_counter()
+    upstream_response = await forward.send(rt.session, spec, incoming.method, url, headers, incoming.body)
+    event.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
+    async with upstream_response:
+        event.status = upstream_response.status
+        content_type = upstream_response.headers.get("Content-Type", "")
+        out_headers = forward.response_headers(upstream_response.headers)
+        out_headers["x-agent-gateway-trace-id"] = event.trace_id
+        rpc = classified.rpc
+        if rpc is not None and rpc.tools_list_ids and upstream_response.status == 200:
+            return await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids, out_headers,
+                                         content_type, upstream)
+        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
+                                      headers=out_headers)
+        if upstream_response.content_length is not None:
+            response.content_length = upstream_response.content_length
+        await response.prepare(request)
+        meter = UsageMeter(content_type)
+        try:
+            await forward.pump(upstream_response, spec, response.write, meter.feed)
+        except GatewayError as error:
+            # Headers are gone already: the agent cannot get an error body, so cut the connection
+            # rather than end the stream cleanly and let a truncated answer pass for a whole one.
+            event.error = error.type
+            event.reason = error.message
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except ConnectionResetError:
+            event.error = "client_disconnected"
+            return response
+        finally:
+            _account(event, spec, meter)
+        return response
+
+
+def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> None:
+    usage = meter.finish()
+    if usage is None:
+        return
+    event.tokens = {"input": usage.input, "output": usage.output}
+    event.cost_usd = cost_usd(spec.prices, event.model, usage)
+
+
+async def _filtered_tools(upstream_response: aiohttp.ClientResponse, name: str, agent: AgentPolicy,
+                          ids: tuple[Any, ...], headers: CIMultiDict[str], content_type: str,
+                          upstream: Upstream) -> web.Response:
+    """`tools/list` answers are small: read whole, keep only the tools this agent may call."""
+    body = await upstream_response.read()
+
+    def keep(tool: str) -> bool:
+        verb, resource = tool_action(upstream.spec, tool)
+        return may_call_tool(agent, name, verb, resource)
+
+    try:
+        filtered = filter_tools(body, content_type, ids, keep)
+    except ValueError as exc:
+        raise GatewayError("upstream_error", f"upstream {name!r} sent a tools/list answer that is not JSON") from exc
+    return web.Response(status=200, body=filtered, headers=headers)

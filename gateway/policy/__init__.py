@@ -1,0 +1,1 @@
+"""Rule files: load (YAML -> specs), compile (CEL, indexes) and decide."""

@@ -1,0 +1,440 @@
+"""Load a rules directory (`upstreams.yaml` and `agents/*.yaml`) into validated specs.
+
+Every problem in every file is collected and raised at once as `RuleSetInvalid`; nothing here compiles CEL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TypeVar, cast
+from urllib.parse import SplitResult, urlsplit
+
+from gateway.models import Mode
+from gateway.policy.spec import (
+    EFFECTS,
+    MODES,
+    UPSTREAM_KINDS,
+    AgentSpec,
+    BudgetSpec,
+    CredentialSpec,
+    Effect,
+    Loc,
+    PriceSpec,
+    RateLimitSpec,
+    RouteSpec,
+    RuleSet,
+    RuleSetInvalid,
+    RuleSpec,
+    ToolSpec,
+    UpstreamKind,
+    UpstreamSpec,
+    Window,
+)
+from gateway.policy.yamlsource import Node, Reader, did_you_mean, parse_duration
+
+__all__ = ["load_rules", "parse_duration", "summary"]
+
+T = TypeVar("T")
+
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*")
+BUDGET_WINDOWS = ("hour", "day", "week", "month")
+RATE_WINDOWS = ("second", "minute", "hour", "day")
+DEFAULT_ALERTS = (0.5, 0.8, 1.0)
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 300.0  # LLM streams can pause for minutes between tokens
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+_UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout")
+_AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits")
+_RULE_OPTIONAL = ("id", "resources", "when", "reason", "timeout")
+
+
+def load_rules(directory: str | Path, env: Mapping[str, str]) -> RuleSet:
+    """Load and validate a rules directory; raise RuleSetInvalid with every error at once."""
+    root = Path(directory)
+    reader = Reader()
+    sources: dict[str, bytes] = {}  # relative path -> raw bytes, for the version hash
+    upstreams: dict[str, UpstreamSpec] = {}
+    names: frozenset[str] | None = None
+    raw, node = reader.read(root, "upstreams.yaml", env)
+    if raw is not None:
+        sources["upstreams.yaml"] = raw
+    if node is not None:
+        upstreams, names = _upstreams(reader, node)
+    ctx = _Context(reader, names)
+    agents: dict[str, AgentSpec] = {}
+    for rel in _agent_files(root):
+        raw, node = reader.read(root, rel, env)
+        if raw is not None:
+            sources[rel] = raw
+        agent = _agent(ctx, node, Path(rel).name) if node is not None else None
+        if agent is not None:
+            agents.setdefault(agent.id, agent)
+    if reader.errors:
+        raise RuleSetInvalid(sorted(set(reader.errors)))  # an aliased node can report the same error twice
+    return RuleSet(
+        upstreams=MappingProxyType(upstreams),
+        agents=MappingProxyType(agents),
+        version=_version(sources),
+        directory=str(directory),
+        files=tuple(str(root / rel) for rel in sources),
+    )
+
+
+def summary(ruleset: RuleSet) -> str:
+    """One line for `agent-gateway rules check`."""
+    rules = sum(len(agent.rules) for agent in ruleset.agents.values())
+    return (
+        f"rules OK: {_plural(len(ruleset.agents), 'agent')}, {_plural(len(ruleset.upstreams), 'upstream')}, "
+        f"{_plural(rules, 'rule')}, version {ruleset.version}"
+    )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+@dataclass
+class _Context:
+    """What checks across files need: the error sink, the upstream names, and every id claimed so far."""
+
+    reader: Reader
+    upstreams: frozenset[str] | None  # None: upstreams.yaml is unusable, so references are not checked
+    ids: dict[str, Loc] = field(default_factory=dict)
+    agents: dict[str, str] = field(default_factory=dict)  # agent id -> file that defines it
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+
+
+def _agent_files(root: Path) -> list[str]:
+    folder = root / "agents"
+    if not folder.is_dir():
+        return []
+    return [
+        f"agents/{path.name}"
+        for path in sorted(folder.iterdir())
+        if path.suffix in (".yaml", ".yml") and not path.name.startswith(".") and path.is_file()
+    ]
+
+
+def _version(sources: Mapping[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for rel in sorted(sources):
+        raw = sources[rel]
+        digest.update(f"{rel}\0{len(raw)}\0".encode())  # length-prefixed, so file boundaries are unambiguous
+        digest.update(raw)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+# -- shared value checks ---------------------------------------------------------------------------------------
+
+
+def _name(reader: Reader, node: Node | None, what: str) -> str:
+    value = reader.text(node, "")
+    if node is not None and value and not NAME.fullmatch(value):
+        reader.bad_value(node, f"{what} '{value}' must match {NAME.pattern}")
+    return value
+
+
+def _upstream_ref(ctx: _Context, node: Node | None, default: T) -> str | T:
+    name = ctx.reader.text(node, None)
+    if node is None or name is None:
+        return default
+    if ctx.upstreams is not None and name not in ctx.upstreams:
+        known = sorted(ctx.upstreams)
+        hint = did_you_mean(name, known) or "upstreams.yaml defines: " + (", ".join(known) or "none")
+        ctx.reader.error(node.loc, "unknown_upstream", node.path, f"unknown upstream '{name}'; {hint}")
+    return name
+
+
+def _claim_id(ctx: _Context, fields: Mapping[str, Node], node: Node, default: str) -> str:
+    """The explicit `id:` or `default`; ids are unique across the whole rule set."""
+    explicit = fields.get("id")
+    value = ctx.reader.text(explicit, None)
+    where = explicit if explicit is not None and value is not None else node
+    rule_id = value if value is not None else default
+    first = ctx.ids.get(rule_id)
+    if first is None:
+        ctx.ids[rule_id] = where.loc
+    else:
+        ctx.reader.error(
+            where.loc,
+            "duplicate_id",
+            where.path,
+            f"id '{rule_id}' is already used at {first.file}:{first.line}:{first.col}",
+        )
+    return rule_id
+
+
+# -- upstreams.yaml --------------------------------------------------------------------------------------------
+
+
+def _upstreams(reader: Reader, root: Node) -> tuple[dict[str, UpstreamSpec], frozenset[str] | None]:
+    top = reader.fields(root, ("upstreams",), ())
+    if top is None or "upstreams" not in top:
+        return {}, None
+    node = top["upstreams"]
+    if not isinstance(node.value, dict):
+        reader.bad_type(node, "a mapping")
+        return {}, None
+    specs: dict[str, UpstreamSpec] = {}
+    for name, item in node.value.items():
+        if not NAME.fullmatch(name):
+            reader.error(
+                node.key_locs[name], "bad_value", item.path, f"upstream name '{name}' must match {NAME.pattern}"
+            )
+        spec = _upstream(reader, name, item)
+        if spec is not None:
+            specs[name] = spec
+    # Names that failed validation still count as known, so one bad upstream does not cascade into every rule.
+    return specs, frozenset(node.value)
+
+
+def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
+    mark = reader.mark()
+    fields = reader.fields(node, ("kind", "url"), _UPSTREAM_OPTIONAL)
+    if fields is None:
+        return None
+    kind = reader.choice(fields.get("kind"), UPSTREAM_KINDS, "kind", None)
+    url = _url(reader, fields.get("url"))
+    credential = _credential(reader, fields.get("credential"))
+    prices = _prices(reader, fields.get("prices"))
+    routes = tuple(r for item in reader.items(fields.get("routes")) if (r := _route(reader, item)) is not None)
+    tools = _tools(reader, fields.get("tools"))
+    for key, wanted in (("routes", "http"), ("tools", "mcp")):
+        if key in fields and kind is not None and kind != wanted:
+            reader.error(
+                node.key_locs[key], "bad_value", fields[key].path, f"{key} are only for kind {wanted}, not {kind}"
+            )
+    connect_timeout = reader.duration(fields.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT)
+    read_timeout = reader.duration(fields.get("read_timeout"), DEFAULT_READ_TIMEOUT)
+    if reader.failed_since(mark) or kind is None:
+        return None
+    return UpstreamSpec(
+        name=name,
+        kind=cast(UpstreamKind, kind),
+        url=url,
+        credential=credential,
+        prices=MappingProxyType(prices),
+        routes=routes,
+        tools=tools,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        loc=node.loc,
+    )
+
+
+def _url(reader: Reader, node: Node | None) -> str:
+    text = reader.text(node, None)
+    if node is None or text is None:
+        return ""
+    parts: SplitResult | None
+    try:
+        parts = urlsplit(text)
+        _ = parts.port  # raises on a bad port
+    except ValueError:
+        parts = None
+    # The value is not echoed: it may carry credentials expanded from the environment.
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        reader.bad_value(node, "must be an http:// or https:// URL with a host")
+    elif parts.query or parts.fragment:
+        reader.bad_value(node, "must not have a query or fragment (request paths are appended to it)")
+    return text.rstrip("/")
+
+
+def _credential(reader: Reader, node: Node | None) -> CredentialSpec | None:
+    fields = reader.fields(node, ("header", "value"), ()) if node is not None else None
+    if fields is None:
+        return None
+    header = reader.text(fields.get("header"), "")
+    if header and not _HEADER_NAME.fullmatch(header):
+        reader.bad_value(fields["header"], f"'{header}' is not a valid HTTP header name")
+    return CredentialSpec(header=header, value=reader.text(fields.get("value"), "", empty=True))
+
+
+def _prices(reader: Reader, node: Node | None) -> dict[str, PriceSpec]:
+    if node is None:
+        return {}
+    if not isinstance(node.value, dict):
+        reader.bad_type(node, "a mapping of model name to prices")
+        return {}
+    prices: dict[str, PriceSpec] = {}
+    for model, item in node.value.items():
+        fields = reader.fields(item, ("input_per_mtok", "output_per_mtok"), ())
+        if fields is None:
+            continue
+        amounts = []
+        for key in ("input_per_mtok", "output_per_mtok"):
+            amount = reader.number(fields.get(key), 0.0)
+            if amount < 0:
+                reader.bad_value(fields[key], f"must not be negative, got {amount}")
+            amounts.append(amount)
+        prices[model] = PriceSpec(input_per_mtok=amounts[0], output_per_mtok=amounts[1])
+    return prices
+
+
+def _route(reader: Reader, node: Node) -> RouteSpec | None:
+    fields = reader.fields(node, ("method", "path", "verb"), ("resource",))
+    if fields is None:
+        return None
+    method = reader.text(fields.get("method"), "").upper()
+    if method and method not in HTTP_METHODS:
+        reader.bad_value(
+            fields["method"], f"unknown HTTP method '{method}'; expected one of: " + ", ".join(HTTP_METHODS)
+        )
+    path = reader.text(fields.get("path"), "")
+    if path and not path.startswith("/"):
+        reader.bad_value(fields["path"], "must start with '/'")
+    verb = reader.text(fields.get("verb"), "")
+    resource = reader.text(fields.get("resource"), None)
+    return RouteSpec(method=method, path=path, verb=verb, resource=resource, loc=node.loc)
+
+
+def _tools(reader: Reader, node: Node | None) -> tuple[ToolSpec, ...]:
+    tools: dict[str, ToolSpec] = {}
+    for item in reader.items(node):
+        fields = reader.fields(item, ("name", "verb"), ("resource",))
+        if fields is None:
+            continue
+        name = reader.text(fields.get("name"), "")
+        if name in tools:
+            reader.bad_value(fields["name"], f"tool '{name}' is already listed at line {tools[name].loc.line}")
+            continue
+        verb = reader.text(fields.get("verb"), "")
+        resource = reader.text(fields.get("resource"), None)
+        tools[name] = ToolSpec(name=name, verb=verb, resource=resource, loc=item.loc)
+    return tuple(tools.values())
+
+
+# -- agents/*.yaml ---------------------------------------------------------------------------------------------
+
+
+def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
+    reader = ctx.reader
+    mark = reader.mark()
+    fields = reader.fields(root, ("agent",), _AGENT_OPTIONAL)
+    if fields is None:
+        return None
+    agent_id = _name(reader, fields.get("agent"), "agent id")
+    if agent_id:
+        first = ctx.agents.setdefault(agent_id, root.loc.file)
+        if first != root.loc.file:
+            node = fields["agent"]
+            reader.error(node.loc, "duplicate_agent", node.path, f"agent '{agent_id}' is already defined in {first}")
+    owner = reader.text(fields.get("owner"), None)
+    purpose = reader.text(fields.get("purpose"), None)
+    mode = reader.choice(fields.get("mode"), MODES, "mode", "assist")
+    rules: list[RuleSpec] = []
+    for effect in EFFECTS:
+        for index, item in enumerate(reader.items(fields.get(effect))):
+            rule = _rule(ctx, item, cast(Effect, effect), f"{file_name}#{effect}[{index}]")
+            if rule is not None:
+                rules.append(rule)
+    budget_nodes = enumerate(reader.items(fields.get("budgets")))
+    budgets = [_budget(ctx, item, f"{file_name}#budgets[{i}]") for i, item in budget_nodes]
+    limit_nodes = enumerate(reader.items(fields.get("rate_limits")))
+    rate_limits = [_rate_limit(ctx, item, f"{file_name}#rate_limits[{i}]") for i, item in limit_nodes]
+    if reader.failed_since(mark):
+        return None
+    return AgentSpec(
+        id=agent_id,
+        owner=owner,
+        purpose=purpose,
+        mode=cast(Mode, mode),
+        rules=tuple(rules),
+        budgets=tuple(b for b in budgets if b is not None),
+        rate_limits=tuple(r for r in rate_limits if r is not None),
+        file=root.loc.file,
+    )
+
+
+def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpec | None:
+    reader = ctx.reader
+    mark = reader.mark()
+    fields = reader.fields(node, ("upstream", "verbs"), _RULE_OPTIONAL)
+    if fields is None:
+        return None
+    rule_id = _claim_id(ctx, fields, node, default_id)
+    upstream = _upstream_ref(ctx, fields.get("upstream"), "")
+    verbs = reader.strings(fields.get("verbs"), ())
+    resources = reader.strings(fields.get("resources"), None)
+    when_node = fields.get("when")
+    when = reader.text(when_node, None)
+    reason = reader.text(fields.get("reason"), None)
+    timeout = None
+    if "timeout" in fields:
+        if effect == "hold":
+            timeout = reader.duration(fields["timeout"], None)
+        else:
+            path = fields["timeout"].path
+            reader.error(node.key_locs["timeout"], "bad_value", path, "timeout is only valid on hold rules")
+    if reader.failed_since(mark):
+        return None
+    return RuleSpec(
+        id=rule_id,
+        effect=effect,
+        upstream=upstream,
+        verbs=verbs,
+        resources=resources,
+        when=when,
+        reason=reason,
+        timeout=timeout,
+        loc=node.loc,
+        when_loc=when_node.loc if when_node is not None else None,
+    )
+
+
+def _budget(ctx: _Context, node: Node, default_id: str) -> BudgetSpec | None:
+    reader = ctx.reader
+    mark = reader.mark()
+    fields = reader.fields(node, ("per",), ("id", "tokens", "usd", "alert_at"))
+    if fields is None:
+        return None
+    budget_id = _claim_id(ctx, fields, node, default_id)
+    tokens = reader.count(fields.get("tokens"), None)
+    usd = reader.number(fields.get("usd"), None)
+    if usd is not None and usd <= 0:
+        reader.bad_value(fields["usd"], f"must be greater than 0, got {usd}")
+    reader.one_of(node, fields, "tokens", "usd", "a budget")
+    per = reader.choice(fields.get("per"), BUDGET_WINDOWS, "budget window", "")
+    alert_at = DEFAULT_ALERTS if "alert_at" not in fields else _alerts(reader, fields["alert_at"])
+    if reader.failed_since(mark):
+        return None
+    return BudgetSpec(id=budget_id, per=cast(Window, per), tokens=tokens, usd=usd, alert_at=alert_at, loc=node.loc)
+
+
+def _alerts(reader: Reader, node: Node) -> tuple[float, ...]:
+    fractions: set[float] = set()
+    for item in reader.items(node):
+        fraction = reader.number(item, None)
+        if fraction is not None and not 0 < fraction <= 1:
+            reader.bad_value(item, f"must be a fraction in (0, 1], got {fraction}")
+        elif fraction is not None:
+            fractions.add(fraction)
+    return tuple(sorted(fractions))
+
+
+def _rate_limit(ctx: _Context, node: Node, default_id: str) -> RateLimitSpec | None:
+    reader = ctx.reader
+    mark = reader.mark()
+    fields = reader.fields(node, ("per",), ("id", "upstream", "requests", "tokens"))
+    if fields is None:
+        return None
+    limit_id = _claim_id(ctx, fields, node, default_id)
+    upstream = _upstream_ref(ctx, fields.get("upstream"), None)
+    requests = reader.count(fields.get("requests"), None)
+    tokens = reader.count(fields.get("tokens"), None)
+    reader.one_of(node, fields, "requests", "tokens", "a rate limit")
+    per = reader.choice(fields.get("per"), RATE_WINDOWS, "rate limit window", "")
+    if reader.failed_since(mark):
+        return None
+    return RateLimitSpec(
+        id=limit_id, per=cast(Window, per), upstream=upstream, requests=requests, tokens=tokens, loc=node.loc
+    )

@@ -1,0 +1,127 @@
+"""Serve: build the runtime, open the agents' and the admin listeners, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from .admin.app import admin_app
+from .approvals import Approvals
+from .identity import Authenticator
+from .keys import JwtSettings, KeySource
+from .pipeline import handle
+from .policy.compile import Policy, compile_policy
+from .policy.load import load_rules
+from .runtime import RUNTIME, Runtime
+from .settings import Settings
+from .trace.sinks import LineWriter, TraceSink
+
+
+def load_policy(settings: Settings) -> Policy:
+    """Load and compile the rules directory; raises RuleSetInvalid with every error."""
+    return compile_policy(load_rules(settings.rules, settings.env), settings.hold_timeout)
+
+
+async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Runtime:
+    policy = load_policy(settings)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True),
+        # Never share cookies between agents or carry them across calls.
+        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+    try:
+        jwt_settings = JwtSettings(secret=settings.jwt_secret, jwks_file=settings.jwks_file,
+                                   jwks_url=settings.jwks_url, audience=settings.jwt_audience,
+                                   issuer=settings.jwt_issuer)
+        keys = await KeySource.create(jwt_settings, session)
+    except BaseException:
+        await session.close()
+        raise
+    runtime_ref: list[Runtime] = []
+    authenticator = Authenticator(keys, jwt_settings, lambda agent: agent in runtime_ref[0].policy.agents)
+    runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=Approvals(),
+                      session=session, sink=sink or LineWriter(settings.trace))
+    runtime_ref.append(runtime)
+    return runtime
+
+
+def agents_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def make_admin_app(runtime: Runtime) -> web.Application:
+    app = admin_app()
+    app[RUNTIME] = runtime
+    return app
+
+
+@dataclass
+class RunningGateway:
+    runtime: Runtime
+    agents: web.AppRunner
+    admin: web.AppRunner
+    agents_port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.runtime.settings.host}:{self.agents_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.runtime.settings.admin_host}:{self.admin_port}"
+
+    async def close(self) -> None:
+        """Drain: refuse new calls, let in-flight ones finish (held calls can still be decided on the
+        admin side meanwhile), then flush the trace and close the upstream pool."""
+        self.runtime.ready = False
+        await self.agents.cleanup()
+        await self.admin.cleanup()
+        await self.runtime.session.close()
+        self.runtime.sink.close()
+
+
+def _port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        return int(address[1])
+    raise RuntimeError("listener has no address")
+
+
+async def start_gateway(settings: Settings, sink: TraceSink | None = None) -> RunningGateway:
+    runtime = await build_runtime(settings, sink)
+    # handler_cancellation: a held call whose agent hung up must not be forwarded after an approval.
+    agents = web.AppRunner(agents_app(runtime), handler_cancellation=True, access_log=None)
+    admin = web.AppRunner(make_admin_app(runtime), access_log=None)
+    await agents.setup()
+    await admin.setup()
+    await web.TCPSite(agents, settings.host, settings.port, shutdown_timeout=settings.drain_timeout).start()
+    await web.TCPSite(admin, settings.admin_host, settings.admin_port, shutdown_timeout=5).start()
+    return RunningGateway(runtime, agents, admin, _port(agents), _port(admin))
+
+
+async def _serve(settings: Settings) -> None:
+    gateway = await start_gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"agent-gateway: agents on {gateway.url}, admin on {gateway.admin_url}, "
+          f"policy {gateway.runtime.policy.version}", file=sys.stderr, flush=True)
+    await stop.wait()
+    print("agent-gateway: draining in-flight requests", file=sys.stderr, flush=True)
+    await gateway.close()
+
+
+def serve(settings: Settings) -> None:
+    import uvloop
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(_serve(settings))

@@ -1,0 +1,1 @@
+"""trace: one structured event per call, written off the request path."""

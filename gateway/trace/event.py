@@ -1,0 +1,55 @@
+"""The trace event: a fixed schema (DESIGN.md "Trace events"), one JSON object per line."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+def new_trace_id() -> str:
+    return os.urandom(16).hex()
+
+
+def new_span_id() -> str:
+    return os.urandom(8).hex()
+
+
+@dataclass(slots=True)
+class TraceEvent:
+    """Filled in stage by stage while a request runs, then emitted once. Never holds a credential."""
+
+    trace_id: str
+    span_id: str
+    ts: float = field(default_factory=time.time)
+    agent: str | None = None
+    upstream: str | None = None
+    method: str | None = None
+    path: str | None = None
+    verb: str | None = None
+    resource: str | None = None
+    tool: str | None = None
+    model: str | None = None
+    decision: str | None = None
+    rule: str | None = None
+    policy_version: str | None = None
+    mode: str | None = None
+    reason: str | None = None
+    evidence: Mapping[str, Any] | None = None
+    approval: dict[str, Any] | None = None
+    status: int | None = None
+    error: str | None = None
+    latency_ms: float | None = None
+    upstream_ms: float | None = None
+    tokens: dict[str, int] | None = None
+    cost_usd: float | None = None
+    budget: dict[str, Any] | None = None
+    stream: bool | None = None
+    # Extra records: batch elements' decisions, usage notes, ...
+    detail: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: v for k, v in data.items() if v is not None}
