@@ -148,7 +148,13 @@ class Reader:
 
     def parse(self, text: str, file: str, env: Mapping[str, str]) -> Node | None:
         """Parse one document into a located tree; None (with a `yaml_error`) when it does not parse."""
-        loader = yaml.SafeLoader(text)
+        try:
+            loader = yaml.SafeLoader(text)  # checks for unprintable characters right away
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, exc.position) + 1
+            col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+            self.error(Loc(file, line, col), "yaml_error", "", f"unacceptable character #x{exc.character:04x}")
+            return None
         try:
             root = loader.get_single_node()
             if root is None:
@@ -161,10 +167,6 @@ class Reader:
             if exc.context:
                 message = f"{message} ({exc.context})"
             self.error(Loc(file, line, col), "yaml_error", "", message)
-        except yaml.reader.ReaderError as exc:
-            line = text.count("\n", 0, exc.position) + 1
-            col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
-            self.error(Loc(file, line, col), "yaml_error", "", f"unacceptable character #x{exc.character:04x}")
         except _Invalid as exc:
             self.error(exc.loc, "yaml_error", "", exc.message)
         finally:
@@ -362,9 +364,9 @@ class _Builder:
             )
             return match.group(0)
         name, default = body.group(1), body.group(2)
+        if default is not None:  # membership, not .get(): an env mapping may answer .get() with a placeholder
+            return (self.env[name] if name in self.env else "") or default  # noqa: SIM401
         value = self.env.get(name)
-        if default is not None and not value:
-            return default
         if value is None:
             self.reader.error(loc, "unset_variable", path, f"${{{name}}} is not set")
             return ""

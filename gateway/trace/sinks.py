@@ -123,3 +123,18 @@ class MemorySink:
 
     def close(self) -> None:
         pass
+
+
+class FanOut:
+    """Hands each event to several sinks (e.g. a file for the record and a live view)."""
+
+    def __init__(self, *sinks: TraceSink) -> None:
+        self.sinks = sinks
+
+    def emit(self, event: TraceEvent) -> None:
+        for sink in self.sinks:
+            sink.emit(event)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

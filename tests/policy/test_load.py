@@ -467,7 +467,9 @@ def test_error_whole_file_problems(rules: Path) -> None:
     assert errors_of() == [
         "rules/agents/a.yaml:1:1: bad_type: (root): expected a mapping, got null",
         "rules/agents/b.yaml:1:1: bad_type: (root): expected a mapping, got a list",
-        "rules/agents/c.yaml:2:12: yaml_error: (root): recursive alias",
+        "rules/agents/c.yaml:2:8: yaml_error: (root): recursive alias",
+        "rules/agents/d.yaml:2:8: bad_value: owner: bad variable reference '${not a name}'; "
+        "use ${NAME} or ${NAME:-default}",
         "rules/agents/d.yaml:3:7: yaml_error: (root): not a valid int: 'x'",
     ]
 
@@ -492,5 +494,27 @@ def test_error_bad_variable_reference_and_routes_on_non_http(rules: Path) -> Non
         "rules/upstreams.yaml:5:5: bad_value: upstreams.llm.routes: routes are only for kind http, not openai",
         "rules/upstreams.yaml:6:40: bad_value: upstreams.llm.credential.value: "
         "bad variable reference '${not a name}'; use ${NAME} or ${NAME:-default}",
-        "rules/upstreams.yaml:12:17: bad_value: upstreams.tools.tools[1].name: tool 'a' is already listed at line 11",
+        "rules/upstreams.yaml:12:16: bad_value: upstreams.tools.tools[1].name: tool 'a' is already listed at line 11",
+    ]
+
+
+def test_default_ignores_placeholder_get_of_env_mapping(rules: Path) -> None:
+    class Placeholders(dict[str, str]):  # like `rules test`, which stands in for unset secrets
+        def get(self, key: str, default: object = None) -> str:
+            return super().get(key) or f"<unset:{key}>"
+
+    write(rules, {"upstreams.yaml": UPSTREAMS})
+    ruleset = load_rules("rules", Placeholders())
+    assert ruleset.upstreams["erp"].url == "http://erp.internal:9000"
+    credential = ruleset.upstreams["openai"].credential
+    assert credential is not None and credential.value == "Bearer <unset:OPENAI_API_KEY>"
+
+
+def test_error_unprintable_or_undecodable_bytes(rules: Path) -> None:
+    write(rules, {"upstreams.yaml": UPSTREAMS})
+    (rules / "agents" / "d.yaml").write_bytes(b"agent: d\nowner: a\x07b\n")
+    (rules / "agents" / "e.yaml").write_bytes(b"agent: e\nowner: \xff\n")
+    assert errors_of() == [
+        "rules/agents/d.yaml:2:9: yaml_error: (root): unacceptable character #x0007",
+        "rules/agents/e.yaml:2:8: yaml_error: (root): not valid UTF-8",
     ]
