@@ -46,6 +46,7 @@ class UsageMeter:
     """Fed every response chunk; finds `usage` in a JSON body or in SSE `data:` events."""
 
     def __init__(self, content_type: str) -> None:
+        content_type = content_type.strip().lower()  # media types are case-insensitive (RFC 9110 8.3.1)
         self.sse = content_type.startswith("text/event-stream")
         self.json = content_type.startswith("application/json")
         self.usage: Usage | None = None

@@ -12,6 +12,8 @@ from typing import Any, Literal
 Status = Literal["pending", "approved", "denied", "timeout", "abandoned"]
 CATEGORIES = ("policy_gap", "data_quality", "edge_case", "other")
 _KEEP_DECIDED = 10_000  # decided approvals kept for `GET /approvals` history
+# An approval given after its agent hung up lets the identical retry through once, within this many seconds.
+RETRY_TTL = 900.0
 
 
 class ApprovalConflict(Exception):
@@ -37,6 +39,8 @@ class Approval:
     decided_at: float | None = None
     decision_reason: str | None = None
     category: str | None = None
+    retry_until: float | None = None  # approved after abandonment: the identical retry may pass until then
+    used_by_retry: bool = False
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,6 +52,7 @@ class Approvals:
     def __init__(self) -> None:
         self._items: OrderedDict[str, Approval] = OrderedDict()
         self._waiters: dict[str, asyncio.Future[Status]] = {}
+        self._by_fingerprint: dict[str, str] = {}  # latest approval id for each request fingerprint
 
     def open(self, *, agent: str, upstream: str, verb: str, resource: str | None, tool: str | None, rule: str,
              reason: str, fingerprint: str, evidence: dict[str, Any], timeout: float) -> Approval:
@@ -56,6 +61,7 @@ class Approvals:
                             tool=tool, rule=rule, reason=reason, fingerprint=fingerprint, created_at=now,
                             expires_at=now + timeout, evidence=dict(evidence))
         self._items[approval.id] = approval
+        self._by_fingerprint[fingerprint] = approval.id
         self._waiters[approval.id] = asyncio.get_running_loop().create_future()
         return approval
 
@@ -81,9 +87,20 @@ class Approvals:
         approval = self._items.get(approval_id)
         if approval is None:
             raise KeyError(approval_id)
-        if approval.status != "pending":
+        if approval.status not in ("pending", "abandoned"):
             raise ApprovalConflict(f"approval {approval_id} is already {approval.status}")
+        if approval.status == "abandoned" and approve:
+            approval.retry_until = time.time() + RETRY_TTL
         self._close(approval, "approved" if approve else "denied", by, reason, category)
+        return approval
+
+    def reuse(self, fingerprint: str) -> Approval | None:
+        """An approval given after its agent hung up, for exactly this request: usable once, then spent."""
+        approval = self._items.get(self._by_fingerprint.get(fingerprint, ""))
+        if (approval is None or approval.status != "approved" or approval.used_by_retry
+                or approval.retry_until is None or approval.retry_until < time.time()):
+            return None
+        approval.used_by_retry = True
         return approval
 
     def get(self, approval_id: str) -> Approval | None:
@@ -110,3 +127,5 @@ class Approvals:
             if oldest.status == "pending":
                 break
             del self._items[oldest_id]
+            if self._by_fingerprint.get(oldest.fingerprint) == oldest_id:
+                del self._by_fingerprint[oldest.fingerprint]

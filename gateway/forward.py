@@ -17,8 +17,9 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 # Set by the gateway itself (or by aiohttp from the body), never copied from the agent.
 _GATEWAY_SET = frozenset({"host", "content-length", "traceparent", "tracestate", "accept-encoding", "expect"})
-# Stripped from the upstream's answer: the gateway recomputes framing.
-_RESPONSE_DROP = frozenset({"content-length", "content-encoding", "server", "date"})
+# Stripped from the upstream's answer: the gateway recomputes framing. Content-Encoding stays: bytes pass
+# through undecoded, so an upstream that compresses despite `identity` still sends a labelled body.
+_RESPONSE_DROP = frozenset({"content-length", "server", "date"})
 
 
 def _named_in_connection(headers: CIMultiDictProxy[str]) -> set[str]:

@@ -52,7 +52,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
     batch_errors: dict[int, GatewayError] | None = None
     try:
         raw_path, _, query = request.raw_path.partition("?")
-        path = normalise(raw_path)
+        event.path = raw_path  # a path that does not normalise is traced as it was sent
+        try:
+            path = normalise(raw_path)
+        except GatewayError:
+            # Identity first here too: an anonymous caller learns only that, and the trace names who tried.
+            event.agent = (await rt.authenticator.authenticate(request.headers)).id
+            raise
         event.path = path
         name, subpath = split_upstream(path)
         upstream = policy.upstreams.get(name)
@@ -68,7 +74,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         body = await read_body(request, rt.settings.max_body)
         incoming = Incoming(request.method, subpath, query, request.headers, body)
         classified = classify(upstream.spec, upstream.routes, incoming)
-        agent_policy = policy.agents[agent.id]
+        agent_policy = policy.agents.get(agent.id)
+        if agent_policy is None:  # removed by a reload after its token was verified: fail closed
+            raise GatewayError("unauthenticated", f"agent {agent.id!r} is not in the rules")
         decision, action, batch_errors = decide_all(policy, agent_policy, classified, incoming, event)
         if decision.outcome == "deny":
             raise GatewayError("policy_denied", decision.reason, rule=decision.rule)
@@ -82,7 +90,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if event.reason is None:
             event.reason = error.message
         rpc = classified.rpc if classified else None
-        return error_response(kind, error, event.trace_id, rpc, batch_errors)
+        response = error_response(kind, error, event.trace_id, rpc, batch_errors)
+        event.status = response.status  # what the agent saw: JSON-RPC errors travel in an HTTP 200
+        return response
     except asyncio.CancelledError:
         event.error = "client_disconnected"
         event.status = 499
@@ -137,9 +147,15 @@ def fingerprint(agent: str, upstream: str, incoming: Incoming) -> str:
 async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, incoming: Incoming,
                event: TraceEvent) -> None:
     """Park the call until a human decides or the rule's timeout passes; raise unless approved."""
+    request_fingerprint = fingerprint(agent.id, action.upstream, incoming)
+    earlier = rt.approvals.reuse(request_fingerprint)
+    if earlier is not None:  # approved after the agent had hung up: this identical retry passes, once
+        event.approval = {"id": earlier.id, "by": earlier.decided_by, "outcome": "approved", "waited_ms": 0.0,
+                          "retry_of_abandoned": True}
+        return
     approval = rt.approvals.open(
         agent=agent.id, upstream=action.upstream, verb=action.verb, resource=action.resource, tool=action.tool,
-        rule=decision.rule, reason=decision.reason, fingerprint=fingerprint(agent.id, action.upstream, incoming),
+        rule=decision.rule, reason=decision.reason, fingerprint=request_fingerprint,
         evidence=dict(decision.evidence), timeout=decision.timeout or rt.policy.default_hold_timeout)
     event.approval = {"id": approval.id, "outcome": "pending"}
     waited = time.perf_counter()

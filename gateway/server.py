@@ -53,7 +53,8 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
 def agents_app(runtime: Runtime) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # `.*` alone stops at a newline, and a path with an encoded one (%0a) would miss the pipeline.
+    app.router.add_route("*", "/{tail:(?s:.*)}", handle)
     return app
 
 
@@ -98,12 +99,13 @@ def _port(runner: web.AppRunner) -> int:
 async def start_gateway(settings: Settings, sink: TraceSink | None = None) -> RunningGateway:
     runtime = await build_runtime(settings, sink)
     # handler_cancellation: a held call whose agent hung up must not be forwarded after an approval.
-    agents = web.AppRunner(agents_app(runtime), handler_cancellation=True, access_log=None)
-    admin = web.AppRunner(make_admin_app(runtime), access_log=None)
+    agents = web.AppRunner(agents_app(runtime), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.drain_timeout)
+    admin = web.AppRunner(make_admin_app(runtime), access_log=None, shutdown_timeout=5)
     await agents.setup()
     await admin.setup()
-    await web.TCPSite(agents, settings.host, settings.port, shutdown_timeout=settings.drain_timeout).start()
-    await web.TCPSite(admin, settings.admin_host, settings.admin_port, shutdown_timeout=5).start()
+    await web.TCPSite(agents, settings.host, settings.port).start()
+    await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()
     return RunningGateway(runtime, agents, admin, _port(agents), _port(admin))
 
 

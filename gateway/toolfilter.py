@@ -30,7 +30,7 @@ def filter_tools(body: bytes, content_type: str, ids: tuple[Any, ...], keep: Cal
 
     Raises orjson.JSONDecodeError on a JSON body that does not parse: the caller fails closed.
     """
-    if not content_type.startswith("text/event-stream"):
+    if not content_type.strip().lower().startswith("text/event-stream"):  # media types ignore case
         return _filter_json(body, ids, keep)
     out = []
     for line in body.split(b"\n"):

@@ -27,4 +27,4 @@ def classify(upstream: str, request: Incoming) -> Action:
                       json=body)
     if request.method in ("GET", "HEAD") and (path == "/models" or path.startswith("/models/")):
         return Action(upstream=upstream, kind="anthropic", verb="read", resource="models")
-    return default_action(upstream, "anthropic", request)
+    return default_action(upstream, "anthropic", request, path)  # `/v1/files` and `/files` alike

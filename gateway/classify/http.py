@@ -39,23 +39,23 @@ def _pattern(path: str) -> re.Pattern[str]:
     ignore case must not let `/PAYMENTS` dodge a rule written for `/payments`."""
     parts = []
     for seg in path.strip("/").split("/"):
-        if seg == "**":
-            parts.append(".*")
+        if seg == "**":  # the rest, none included: `/admin/**` covers `/admin` itself
+            parts.append("(?:/.*)?")
         elif seg == "*":
-            parts.append("[^/]+")
+            parts.append("/[^/]+")
         else:
-            parts.append(re.escape(seg))
-    return re.compile("/" + "/".join(parts) + "/?", re.IGNORECASE)
+            parts.append("/" + re.escape(seg))
+    return re.compile("".join(parts) + "/?", re.IGNORECASE)
 
 
 def compile_routes(routes: tuple[RouteSpec, ...]) -> RouteTable:
     return RouteTable(tuple(Route(r.method, _pattern(r.path), r.verb, r.resource) for r in routes))
 
 
-def default_action(upstream: str, kind: str, request: Incoming) -> Action:
-    """The method's default verb, and the first path segment below the upstream as resource."""
+def default_action(upstream: str, kind: str, request: Incoming, path: str | None = None) -> Action:
+    """The method's default verb, and the first segment of `path` (default: the request's) as resource."""
     method = "GET" if request.method == "HEAD" else request.method
-    parts = segments(request.path)
+    parts = segments(request.path if path is None else path)
     resource = parts[0].lower() if parts else "/"
     return Action(upstream=upstream, kind=kind, verb=DEFAULT_VERBS.get(method, method.lower()),
                   resource=resource)

@@ -39,6 +39,9 @@ def _element(upstream: UpstreamSpec, message: Any) -> tuple[Action, Any]:
         raise bad_request("JSON-RPC message has neither 'method' nor 'result'")
     if not isinstance(method, str):
         raise bad_request("JSON-RPC 'method' must be a string")
+    # MCP forbids null ids; a `tools/list` with `"id": null` would otherwise be answered unfiltered.
+    if "id" in message and (not isinstance(msg_id, str | int | float) or isinstance(msg_id, bool)):
+        raise bad_request("JSON-RPC request 'id' must be a string or a number")
     params = message.get("params", {})
     if not isinstance(params, dict):
         raise bad_request(f"JSON-RPC 'params' of {method} must be an object")

@@ -87,16 +87,19 @@ def _resource_matcher(resources: tuple[str, ...] | None) -> tuple[frozenset[str]
 
 def _compile_agent(spec: AgentSpec, errors: list[RuleError]) -> AgentPolicy:
     compiled: dict[str, Rule] = {}
+    index: dict[str, int] = defaultdict(int)  # position among the agent's rules of the same effect
     for rule in spec.rules:
+        position = index[rule.effect]
+        index[rule.effect] += 1
         condition = None
         if rule.when is not None:
             try:
                 condition = compile_condition(rule.when)
             except ConditionError as exc:
                 loc = rule.when_loc or rule.loc
-                index_path = rule.id.split("#", 1)[-1] if "#" in rule.id else rule.effect
-                errors.append(RuleError(loc.file, loc.line, loc.col, "rule_error", f"{index_path}.when",
-                                        str(exc)))
+                # The file's own path (`hold[0].when`), also for rules with an explicit `id:`.
+                errors.append(RuleError(loc.file, loc.line, loc.col, "rule_error",
+                                        f"{rule.effect}[{position}].when", str(exc)))
                 continue
         exact, glob = _resource_matcher(rule.resources)
         compiled[rule.id] = Rule(rule, condition, exact, glob)

@@ -92,10 +92,11 @@ def _bound_names(source: str) -> set[str]:
 
 
 def walk(value: Any, keys: tuple[str, ...]) -> Any:
-    """Follow keys through nested mappings; stop at the first non-mapping (CEL decides what it means)."""
+    """Follow keys through nested mappings. A field of a non-mapping is missing (so reading it is an error),
+    never the non-mapping itself: `request.json.amount` of a body `5` must not read as 5."""
     for key in keys:
         if not isinstance(value, Mapping):
-            return value
+            return _MISSING
         value = value.get(key, _MISSING)
         if value is _MISSING:
             return _MISSING

@@ -1,6 +1,7 @@
 """Load a rules directory (`upstreams.yaml` and `agents/*.yaml`) into validated specs.
 
-Every problem in every file is collected and raised at once as `RuleSetInvalid`; nothing here compiles CEL.
+Every problem in every file is collected and raised at once as `RuleSetInvalid`. CEL is compiled by
+`compile`, which a failed load never reaches, so a failed load checks the conditions itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from gateway.models import Mode
+from gateway.policy.conditions import ConditionError, compile_condition
 from gateway.policy.spec import (
     EFFECTS,
     MODES,
@@ -77,6 +79,7 @@ def load_rules(directory: str | Path, env: Mapping[str, str]) -> RuleSet:
         if agent is not None:
             agents.setdefault(agent.id, agent)
     if reader.errors:
+        _check_conditions(reader, ctx.conditions)
         raise RuleSetInvalid(sorted(set(reader.errors)))  # an aliased node can report the same error twice
     return RuleSet(
         upstreams=MappingProxyType(upstreams),
@@ -108,6 +111,20 @@ class _Context:
     upstreams: frozenset[str] | None  # None: upstreams.yaml is unusable, so references are not checked
     ids: dict[str, Loc] = field(default_factory=dict)
     agents: dict[str, str] = field(default_factory=dict)  # agent id -> file that defines it
+    conditions: list[Node] = field(default_factory=list)  # every `when:` read, for `_check_conditions`
+
+
+def _check_conditions(reader: Reader, conditions: list[Node]) -> None:
+    """Compile each `when:` of a load that failed, so CEL errors come in the same report as the rest
+    (as `compile` words them); a value that already has an error, such as an unset ${VAR}, is skipped."""
+    failed = {(e.file, e.line, e.col) for e in reader.errors}
+    for node in conditions:
+        if (node.loc.file, node.loc.line, node.loc.col) in failed:
+            continue
+        try:
+            compile_condition(str(node.value))
+        except ConditionError as exc:
+            reader.error(node.loc, "rule_error", node.path, str(exc))
 
 
 # -- files -----------------------------------------------------------------------------------------------------
@@ -367,6 +384,8 @@ def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpe
     resources = reader.strings(fields.get("resources"), None)
     when_node = fields.get("when")
     when = reader.text(when_node, None)
+    if when_node is not None and when is not None:
+        ctx.conditions.append(when_node)
     reason = reader.text(fields.get("reason"), None)
     timeout = None
     if "timeout" in fields:

@@ -113,6 +113,10 @@ class Reader:
         return len(self.errors) > mark
 
     def error(self, loc: Loc, code: str, path: str, message: str) -> None:
+        # A value whose ${VAR} is unset already has its error; what it expanded to says nothing more.
+        if any(e.code == "unset_variable" and (e.file, e.line, e.col) == (loc.file, loc.line, loc.col)
+               for e in self.errors[-3:]):
+            return
         self.errors.append(RuleError(loc.file, loc.line, loc.col, code, path or ROOT, message))
 
     def bad_value(self, node: Node, message: str) -> None:

@@ -518,3 +518,11 @@ def test_error_unprintable_or_undecodable_bytes(rules: Path) -> None:
         "rules/agents/d.yaml:2:9: yaml_error: (root): unacceptable character #x0007",
         "rules/agents/e.yaml:2:8: yaml_error: (root): not valid UTF-8",
     ]
+
+
+def test_unset_variable_reported_once_not_also_as_empty_value(tmp_path):
+    (tmp_path / "upstreams.yaml").write_text('upstreams:\n  x:\n    kind: http\n    url: "${NOPE}"\n')
+    with pytest.raises(RuleSetInvalid) as info:
+        load_rules(tmp_path, {})
+    assert [str(e) for e in info.value.errors] == [
+        f"{tmp_path}/upstreams.yaml:4:10: unset_variable: upstreams.x.url: ${{NOPE}} is not set"]
