@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -53,6 +54,8 @@ class Approvals:
         self._items: OrderedDict[str, Approval] = OrderedDict()
         self._waiters: dict[str, asyncio.Future[Status]] = {}
         self._by_fingerprint: dict[str, str] = {}  # latest approval id for each request fingerprint
+        # Called with each new pending approval (notifications hang off this); must not block.
+        self.on_open: list[Callable[[Approval], None]] = []
 
     def open(self, *, agent: str, upstream: str, verb: str, resource: str | None, tool: str | None, rule: str,
              reason: str, fingerprint: str, evidence: dict[str, Any], timeout: float) -> Approval:
@@ -63,6 +66,8 @@ class Approvals:
         self._items[approval.id] = approval
         self._by_fingerprint[fingerprint] = approval.id
         self._waiters[approval.id] = asyncio.get_running_loop().create_future()
+        for listener in self.on_open:
+            listener(approval)
         return approval
 
     async def wait(self, approval: Approval) -> Status:
