@@ -199,9 +199,9 @@ async def forward_call(request: web.Request, rt: Runtime, upstream: Upstream, ag
                                       headers=out_headers)
         if upstream_response.content_length is not None:
             response.content_length = upstream_response.content_length
-        await response.prepare(request)
         meter = UsageMeter(content_type)
         try:
+            await response.prepare(request)
             await forward.pump(upstream_response, spec, response.write, meter.feed)
         except GatewayError as error:
             # Headers are gone already: the agent cannot get an error body, so cut the connection
@@ -211,8 +211,9 @@ async def forward_call(request: web.Request, rt: Runtime, upstream: Upstream, ag
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except ConnectionResetError:
+        except ConnectionResetError:  # the agent hung up (aiohttp's ClientConnectionResetError included)
             event.error = "client_disconnected"
+            event.status = 499
             return response
         finally:
             _account(event, spec, meter)

@@ -379,3 +379,18 @@ async def test_responses_stream_allowed_and_accounted(stack: Stack) -> None:
         "allow", "invoice-bot.yaml#allow[0]", "chat", True)
     assert event["tokens"] == {"input": 3, "output": 4}
     assert event["cost_usd"] == cost(GPT_4O_MINI, 3, 4)
+
+
+async def test_agent_hanging_up_mid_stream_is_traced_as_client_disconnected(gated: GatedStack) -> None:
+    jwt = issue_token("invoice-bot", SECRET)
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(gated.gateway.url + "/openai/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {jwt}"})
+        async with asyncio.timeout(10):
+            first = await resp.content.readuntil(b"\n\n")
+        assert b'"content":"first"' in first
+        resp.close()  # the agent hangs up with the stream half read
+    gated.gate.release.set()
+    event = await gated.trace.wait_for(lambda e: e.get("upstream") == "openai", limit=10)
+    assert (event["decision"], event["error"], event["status"]) == ("allow", "client_disconnected", 499)

@@ -68,28 +68,28 @@ def test_line_writer_emit_never_waits_for_the_writer(tmp_path: Path) -> None:
     gate = threading.Event()
     entered = threading.Event()
 
-    def stall(record: dict[str, Any]) -> None:
+    def stall(data: bytes) -> None:
         entered.set()
         assert gate.wait(WAIT)
 
-    writer = LineWriter(str(target), listeners=[stall])
+    writer = LineWriter(str(target), on_written=stall)
     writer.emit(event(0))
-    assert entered.wait(WAIT)  # the writer thread is now stuck in the listener
+    assert entered.wait(WAIT)  # the writer thread wrote event 0 and is now stuck
     for n in range(1, 2001):
-        writer.emit(event(n))  # each returns although nothing can be written
-    assert target.read_bytes() == b""
+        writer.emit(event(n))  # each returns although nothing more can be written
+    assert len(read_lines(target)) == 1
     gate.set()
     writer.close()
     assert len(read_lines(target)) == 2001
 
 
-def test_line_writer_listeners_see_each_record(tmp_path: Path) -> None:
-    seen: list[dict[str, Any]] = []
-    writer = LineWriter(str(tmp_path / "trace.jsonl"), listeners=[seen.append])
+def test_line_writer_reports_each_written_batch(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+    writer = LineWriter(str(tmp_path / "trace.jsonl"), on_written=seen.append)
     writer.emit(event(1, agent="a"))
     writer.emit(event(2, agent="b"))
     writer.close()
-    assert [r["agent"] for r in seen] == ["a", "b"]
+    assert [orjson.loads(line)["agent"] for line in b"".join(seen).splitlines()] == ["a", "b"]
 
 
 def test_line_writer_rotates_at_max_bytes_keeping_backups(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_line_writer_rotates_at_max_bytes_keeping_backups(tmp_path: Path) -> Non
     line = len(orjson.dumps(event(0).to_dict())) + 1
     written: queue.SimpleQueue[str] = queue.SimpleQueue()
     writer = LineWriter(str(target), max_bytes=3 * line, backups=2,
-                        listeners=[lambda record: written.put(record["trace_id"])])
+                        on_written=lambda data: written.put(orjson.loads(data)["trace_id"]))
     for n in range(10):
         # One event at a time, so each is its own write and the rotation points are exact.
         writer.emit(event(n))
