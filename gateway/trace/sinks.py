@@ -21,9 +21,10 @@ class TraceSink(Protocol):
 
 
 class LineWriter:
-    """JSON lines to stdout or a file. `emit` serialises (a few microseconds, on the caller) and queues the
-    bytes; a writer thread joins whatever is queued and writes it in one call. The thread does little but
-    I/O, during which it releases the GIL, so it does not stall the event loop; no request waits on a disk.
+    """JSON lines to stdout or a file. `emit` serialises (a few microseconds, on the caller) and buffers the
+    bytes; once per loop iteration the buffer goes to a writer thread, which writes what it got in one call.
+    The thread does little but I/O, during which it releases the GIL, so it does not stall the event loop;
+    no request waits on a disk.
     A file target rotates at `max_bytes` (keeping `backups` old files), like logging's RotatingFileHandler.
     `on_written` (for tests and tail-like consumers) is called on the writer thread with each written batch.
     """
@@ -35,6 +36,8 @@ class LineWriter:
         self.backups = backups
         self.on_written = on_written
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._pending: list[bytes] = []  # serialised on the loop, not yet handed to the writer thread
+        self._handoff_scheduled = False
         self._stream: IO[bytes] = self._open()
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
         self._thread.start()
@@ -45,10 +48,28 @@ class LineWriter:
         return open(self.target, "ab")
 
     def emit(self, event: TraceEvent) -> None:
-        self._queue.put(orjson.dumps(event.to_dict(), default=str, option=orjson.OPT_APPEND_NEWLINE))
+        self._pending.append(orjson.dumps(event.to_dict(), default=str, option=orjson.OPT_APPEND_NEWLINE))
+        if self._handoff_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (offline tools): hand over at once
+            self._handoff()
+            return
+        # Waking the writer thread costs a syscall and a GIL hand-off: do it once per loop iteration,
+        # for everything emitted during it, rather than once per event.
+        self._handoff_scheduled = True
+        loop.call_soon(self._handoff)
+
+    def _handoff(self) -> None:
+        self._handoff_scheduled = False
+        if self._pending:
+            batch, self._pending = b"".join(self._pending), []
+            self._queue.put(batch)
 
     def close(self) -> None:
         """Write everything emitted so far, then stop the thread and close the file."""
+        self._handoff()
         self._queue.put(None)
         self._thread.join()
 

@@ -178,3 +178,23 @@ async def test_memory_sink_wait_for_serves_several_waiters() -> None:
     sink.emit(event(2, agent="x"))
     assert (await first)["trace_id"] == f"{2:032x}"
     assert (await second)["trace_id"] == f"{1:032x}"
+
+
+async def test_line_writer_hands_one_batch_per_loop_iteration(tmp_path: Path) -> None:
+    batches: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    writer = LineWriter(str(tmp_path / "trace.jsonl"), on_written=batches.put)
+    for n in range(3):  # all in one loop iteration
+        writer.emit(event(n))
+    await asyncio.sleep(0)  # let the scheduled hand-off run (it is queued with call_soon)
+    batch = batches.get(timeout=WAIT)
+    writer.close()
+    assert [int(orjson.loads(line)["trace_id"], 16) for line in batch.splitlines()] == [0, 1, 2]
+    assert batches.empty()
+
+
+async def test_line_writer_close_flushes_a_batch_not_yet_handed_over(tmp_path: Path) -> None:
+    target = tmp_path / "trace.jsonl"
+    writer = LineWriter(str(target))
+    writer.emit(event(7))
+    writer.close()  # before the loop ran the hand-off
+    assert [int(r["trace_id"], 16) for r in read_lines(target)] == [7]
