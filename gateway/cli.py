@@ -14,19 +14,21 @@ def _env(env: Mapping[str, str], name: str, default: str | None = None) -> str |
     return env.get(f"AGENT_GATEWAY_{name}", default)
 
 
+# Defaults are strings on purpose: argparse applies `type` to a string default, so a malformed
+# AGENT_GATEWAY_PORT gets the same clear usage error as a malformed --port.
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
     p = sub.add_parser("serve", help="run the gateway",
                        description="Run the gateway. Every flag also reads AGENT_GATEWAY_<FLAG> "
                                    "(e.g. AGENT_GATEWAY_ADMIN_PORT).")
     p.add_argument("--rules", default=_env(env, "RULES", "rules"), help="rules directory (default: rules)")
     p.add_argument("--host", default=_env(env, "HOST", "127.0.0.1"), help="agents' listener address")
-    p.add_argument("--port", type=int, default=int(_env(env, "PORT", "8080") or 8080), help="agents' port (8080)")
+    p.add_argument("--port", type=int, default=_env(env, "PORT", "8080"), help="agents' port (8080)")
     p.add_argument("--admin-host", default=_env(env, "ADMIN_HOST", "127.0.0.1"),
                    help="admin listener address (default loopback)")
-    p.add_argument("--admin-port", type=int, default=int(_env(env, "ADMIN_PORT", "8081") or 8081),
+    p.add_argument("--admin-port", type=int, default=_env(env, "ADMIN_PORT", "8081"),
                    help="admin port (8081)")
     p.add_argument("--trace", default=_env(env, "TRACE", "-"), help="trace output: '-' for stdout, or a file path")
-    p.add_argument("--max-body", type=int, default=int(_env(env, "MAX_BODY", str(DEFAULT_MAX_BODY)) or 0),
+    p.add_argument("--max-body", type=int, default=_env(env, "MAX_BODY", str(DEFAULT_MAX_BODY)),
                    help="largest request body in bytes (16 MiB)")
     p.add_argument("--jwt-secret-file", default=_env(env, "JWT_SECRET_FILE"),
                    help="file holding the HS256 secret (or set AGENT_GATEWAY_JWT_SECRET)")
@@ -36,9 +38,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
     p.add_argument("--jwt-issuer", default=_env(env, "JWT_ISSUER"), help="required token iss, if set")
     p.add_argument("--admin-token-file", default=_env(env, "ADMIN_TOKEN_FILE"),
                    help="file holding the admin token (or set AGENT_GATEWAY_ADMIN_TOKEN)")
-    p.add_argument("--hold-timeout", type=float, default=float(_env(env, "HOLD_TIMEOUT", "900") or 900),
+    p.add_argument("--hold-timeout", type=float, default=_env(env, "HOLD_TIMEOUT", "900"),
                    help="seconds a held call waits when its rule names no timeout (900)")
-    p.add_argument("--drain-timeout", type=float, default=float(_env(env, "DRAIN_TIMEOUT", "30") or 30),
+    p.add_argument("--drain-timeout", type=float, default=_env(env, "DRAIN_TIMEOUT", "30"),
                    help="seconds SIGTERM waits for in-flight calls (30)")
 
 

@@ -86,7 +86,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                   trace_flags=flags)
     except GatewayError as error:
         event.error = error.type
-        event.status = error.status
         if event.reason is None:
             event.reason = error.message
         rpc = classified.rpc if classified else None
@@ -156,7 +155,7 @@ async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, in
     approval = rt.approvals.open(
         agent=agent.id, upstream=action.upstream, verb=action.verb, resource=action.resource, tool=action.tool,
         rule=decision.rule, reason=decision.reason, fingerprint=request_fingerprint,
-        evidence=dict(decision.evidence), timeout=decision.timeout or rt.policy.default_hold_timeout)
+        evidence=dict(decision.evidence), timeout=decision.timeout or rt.settings.hold_timeout)
     event.approval = {"id": approval.id, "outcome": "pending"}
     waited = time.perf_counter()
     try:
