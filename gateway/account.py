@@ -92,3 +92,38 @@ def cost_usd(prices: Mapping[str, PriceSpec], model: str | None, usage: Usage) -
     if price is None:
         return None
     return round((usage.input * price.input_per_mtok + usage.output * price.output_per_mtok) / 1e6, 8)
+
+
+class UsageChunkFilter:
+    """Drops the usage-only SSE event (`choices: []` with `usage`) from an OpenAI stream: the gateway asked
+    for it to settle budgets, and passes it on only if the agent asked for it itself. Events are passed on
+    whole, as soon as each is complete."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buffer += chunk
+        end = self._buffer.rfind(b"\n\n")
+        if end < 0:
+            return b""
+        complete, self._buffer = bytes(self._buffer[: end + 2]), self._buffer[end + 2 :]
+        if b'"usage"' not in complete:
+            return complete
+        kept = [event for event in complete.split(b"\n\n") if not _usage_only(event)]
+        return b"\n\n".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        return b"" if _usage_only(rest) else rest
+
+
+def _usage_only(event: bytes) -> bool:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                data = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return False
+            return isinstance(data, dict) and data.get("choices") == [] and data.get("usage") is not None
+    return False

@@ -42,6 +42,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
                    help="seconds a held call waits when its rule names no timeout (900)")
     p.add_argument("--drain-timeout", type=float, default=_env(env, "DRAIN_TIMEOUT", "30"),
                    help="seconds SIGTERM waits for in-flight calls (30)")
+    p.add_argument("--redis-url", default=_env(env, "REDIS_URL"),
+                   help="shared store for limits (redis:// or rediss://); none: in-memory, one process")
+    p.add_argument("--store-timeout", type=float, default=_env(env, "STORE_TIMEOUT", "1"),
+                   help="seconds any store operation may take before the call fails closed (1)")
+    p.add_argument("--alert-webhook", default=_env(env, "ALERT_WEBHOOK"),
+                   help="URL that budget alerts are POSTed to (JSON), retried with back-off")
+    p.add_argument("--workers", type=int, default=_env(env, "WORKERS", "1"),
+                   help="processes sharing the ports (SO_REUSEPORT); more than 1 needs --redis-url")
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
@@ -52,7 +60,8 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         jwt_secret=read_secret(env.get("AGENT_GATEWAY_JWT_SECRET"), args.jwt_secret_file),
         jwks_file=args.jwks_file, jwks_url=args.jwks_url, jwt_audience=args.jwt_audience,
         jwt_issuer=args.jwt_issuer, admin_token=admin.decode() if admin else None,
-        hold_timeout=args.hold_timeout, drain_timeout=args.drain_timeout, env=env)
+        hold_timeout=args.hold_timeout, drain_timeout=args.drain_timeout, redis_url=args.redis_url,
+        store_timeout=args.store_timeout, alert_webhook=args.alert_webhook, workers=args.workers, env=env)
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ class GatewayError(Exception):
     message: str
     rule: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    detail: str | None = None  # a finer reason within the type, e.g. `loop_detected` for `rate_limited`
 
     def __post_init__(self) -> None:
         if self.type not in STATUS:

@@ -32,11 +32,16 @@ class Action:
     stream: bool = False
     # MCP session plumbing (initialize, ping, tools/list...): allowed for any agent holding a grant upstream.
     plumbing: bool = False
-    estimated_tokens: int = 0
+    input_tokens: int = 0  # the prompt, estimated (~4 characters a token)
+    max_output: int | None = None  # the request's output cap (max_tokens), if it sets one
     # Extra values rules may read as `action.attributes.*` (e.g. MCP tool arguments).
     attributes: Mapping[str, Any] = field(default_factory=dict)
     # The JSON value rules see as `request.json` for this action (the whole body, or one batch element).
     json: Any = None
+
+    @property
+    def estimated_tokens(self) -> int:
+        return self.input_tokens + (self.max_output or 0)
 
     def as_cel(self) -> dict[str, Any]:
         return {

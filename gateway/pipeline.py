@@ -1,11 +1,13 @@
 """The request pipeline, in order. Each stage is its own module; this one only sequences them.
 
-    identify -> classify -> decide -> (hold) -> forward -> account
+    identify -> classify -> decide -> limit -> (hold) -> forward -> account
 Why this order: identity first, so an unauthenticated caller learns nothing about upstreams or rules;
 the body is read (bounded) before classify, because the decision must be made on exactly the bytes that
-are forwarded; decide before any upstream I/O; hold keeps the connection open and re-enters forward only
-with a human's approval; account reads usage from the response while it streams to the agent. Every
-path out, error or not, writes exactly one trace event.
+are forwarded; decide before any store or upstream I/O; limit reserves the expected cost before a human is
+asked (no approval for a call the budget cannot pay) and before forwarding (the call that crosses a cap
+never starts); hold keeps the connection open and re-enters forward only with a human's approval;
+account reads usage from the response while it streams and settles the reservation. Every path out,
+error or not, writes exactly one trace event and settles what it reserved.
 """
 
 from __future__ import annotations
@@ -13,26 +15,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Any
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
-from . import forward
-from .account import UsageMeter, cost_usd
 from .classify import Classified, classify
-from .classify.mcp import tool_action
 from .errors import GatewayError, bad_request
 from .incoming import Incoming
+from .limits.enforce import charge, reserve
 from .models import Action, Agent, Decision
 from .paths import normalise, split_upstream
-from .policy.compile import AgentPolicy, Policy, Upstream
-from .policy.decide import decide_each, may_call_tool
-from .policy.spec import UpstreamSpec
+from .policy.compile import AgentPolicy, Policy
+from .policy.decide import decide_each
+from .relay import relay
 from .responses import error_response
 from .runtime import RUNTIME, Runtime
-from .toolfilter import filter_tools
 from .trace.event import TraceEvent, new_span_id, new_trace_id
 from .tracecontext import parse_traceparent
 
@@ -80,10 +76,25 @@ async def handle(request: web.Request) -> web.StreamResponse:
         decision, action, batch_errors = decide_all(policy, agent_policy, classified, incoming, event)
         if decision.outcome == "deny":
             raise GatewayError("policy_denied", decision.reason, rule=decision.rule)
-        if decision.outcome == "hold":
-            await hold(rt, agent, action, decision, incoming, event)
-        return await forward_call(request, rt, upstream, agent_policy, classified, incoming, query, event,
-                                  trace_flags=flags)
+        call = fingerprint(agent.id, action.upstream, incoming)
+        reservation = await reserve(rt.store, agent_policy.spec, action, upstream.spec, call, event)
+        stage = "hold"
+        try:
+            if decision.outcome == "hold":
+                await hold(rt, agent, action, decision, incoming, event, call)
+            stage = "forward"
+            return await relay(request, rt, upstream, agent_policy, classified, action, incoming, query, event,
+                               flags, reservation)
+        except (GatewayError, asyncio.CancelledError) as failure:
+            if reservation is not None and reservation.plan.settles and event.status is None:
+                # Nothing came back from the upstream. Refused or abandoned before forwarding: release it all;
+                # lost on the way (timeout, hang-up while waiting): the upstream may have done and billed the
+                # work, so charge the reservation.
+                lost = stage == "forward" and not (isinstance(failure, GatewayError)
+                                                    and failure.type == "upstream_error")
+                used = charge(reservation, None, event, "no answer from the upstream") if lost else (0, 0)
+                rt.settler.settle_soon(reservation, *used, event)
+            raise
     except GatewayError as error:
         event.error = error.type
         if event.reason is None:
@@ -144,9 +155,8 @@ def fingerprint(agent: str, upstream: str, incoming: Incoming) -> str:
 
 
 async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, incoming: Incoming,
-               event: TraceEvent) -> None:
+               event: TraceEvent, request_fingerprint: str) -> None:
     """Park the call until a human decides or the rule's timeout passes; raise unless approved."""
-    request_fingerprint = fingerprint(agent.id, action.upstream, incoming)
     earlier = rt.approvals.reuse(request_fingerprint)
     if earlier is not None:  # approved after the agent had hung up: this identical retry passes, once
         event.approval = {"id": earlier.id, "by": earlier.decided_by, "outcome": "approved", "waited_ms": 0.0,
@@ -172,73 +182,3 @@ async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, in
         raise GatewayError("approval_denied", f"a human denied this call{why}", rule=decision.rule)
     raise GatewayError("approval_timeout", f"nobody approved this call within {decision.timeout:g}s",
                        rule=decision.rule)
-
-
-async def forward_call(request: web.Request, rt: Runtime, upstream: Upstream, agent: AgentPolicy,
-                       classified: Classified, incoming: Incoming, query: str, event: TraceEvent,
-                       trace_flags: str) -> web.StreamResponse:
-    """forward + account: stream the upstream's answer to the agent, reading usage on the way."""
-    spec = upstream.spec
-    traceparent = f"00-{event.trace_id}-{event.span_id}-{trace_flags}"
-    headers = forward.upstream_headers(request.headers, spec, traceparent)
-    url = forward.target_url(spec, incoming.path, query)
-    sent = time.perf_counter()
-    upstream_response = await forward.send(rt.session, spec, incoming.method, url, headers, incoming.body)
-    event.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
-    async with upstream_response:
-        event.status = upstream_response.status
-        content_type = upstream_response.headers.get("Content-Type", "")
-        out_headers = forward.response_headers(upstream_response.headers)
-        out_headers["x-agent-gateway-trace-id"] = event.trace_id
-        rpc = classified.rpc
-        if rpc is not None and rpc.tools_list_ids and upstream_response.status == 200:
-            return await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids, out_headers,
-                                         content_type, upstream)
-        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
-                                      headers=out_headers)
-        if upstream_response.content_length is not None:
-            response.content_length = upstream_response.content_length
-        meter = UsageMeter(content_type)
-        try:
-            await response.prepare(request)
-            await forward.pump(upstream_response, spec, response.write, meter.feed)
-        except GatewayError as error:
-            # Headers are gone already: the agent cannot get an error body, so cut the connection
-            # rather than end the stream cleanly and let a truncated answer pass for a whole one.
-            event.error = error.type
-            event.reason = error.message
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        except ConnectionResetError:  # the agent hung up (aiohttp's ClientConnectionResetError included)
-            event.error = "client_disconnected"
-            event.status = 499
-            return response
-        finally:
-            _account(event, spec, meter)
-        return response
-
-
-def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> None:
-    usage = meter.finish()
-    if usage is None:
-        return
-    event.tokens = {"input": usage.input, "output": usage.output}
-    event.cost_usd = cost_usd(spec.prices, event.model, usage)
-
-
-async def _filtered_tools(upstream_response: aiohttp.ClientResponse, name: str, agent: AgentPolicy,
-                          ids: tuple[Any, ...], headers: CIMultiDict[str], content_type: str,
-                          upstream: Upstream) -> web.Response:
-    """`tools/list` answers are small: read whole, keep only the tools this agent may call."""
-    body = await upstream_response.read()
-
-    def keep(tool: str) -> bool:
-        verb, resource = tool_action(upstream.spec, tool)
-        return may_call_tool(agent, name, verb, resource)
-
-    try:
-        filtered = filter_tools(body, content_type, ids, keep)
-    except ValueError as exc:
-        raise GatewayError("upstream_error", f"upstream {name!r} sent a tools/list answer that is not JSON") from exc
-    return web.Response(status=200, body=filtered, headers=headers)

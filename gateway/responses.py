@@ -21,6 +21,8 @@ def _body(error: GatewayError, trace_id: str) -> dict[str, Any]:
     body: dict[str, Any] = {"type": error.type, "message": error.message, "trace_id": trace_id}
     if error.rule is not None:
         body["rule"] = error.rule
+    if error.detail is not None:
+        body["detail"] = error.detail
     return body
 
 

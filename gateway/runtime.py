@@ -9,6 +9,9 @@ from aiohttp import web
 
 from .approvals import Approvals
 from .identity import Authenticator
+from .limits.alerts import Alerts
+from .limits.enforce import Settler
+from .limits.store import Store
 from .policy.compile import Policy
 from .settings import Settings
 from .trace.sinks import TraceSink
@@ -22,6 +25,9 @@ class Runtime:
     approvals: Approvals
     session: aiohttp.ClientSession
     sink: TraceSink
+    store: Store
+    settler: Settler
+    alerts: Alerts
     ready: bool = True
 
 

@@ -16,6 +16,10 @@ from .admin.app import admin_app
 from .approvals import Approvals
 from .identity import Authenticator
 from .keys import JwtSettings, KeySource
+from .limits.alerts import Alerts
+from .limits.backends import open_store
+from .limits.enforce import Settler
+from .limits.store import Reservation, Settlement
 from .pipeline import handle
 from .policy.compile import Policy, compile_policy
 from .policy.load import load_rules
@@ -45,8 +49,21 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
         raise
     runtime_ref: list[Runtime] = []
     authenticator = Authenticator(keys, jwt_settings, lambda agent: agent in runtime_ref[0].policy.agents)
+    sink = sink or LineWriter(settings.trace)
+    try:
+        store = open_store(settings)
+    except ValueError:
+        await session.close()
+        raise
+    alerts = Alerts(sink, session, settings.alert_webhook)
+
+    def on_settled(reservation: Reservation, settlement: Settlement) -> None:
+        for index, threshold in settlement.alerts:
+            alerts.fire(reservation.plan.agent, reservation.plan.budgets[index], threshold, settlement.used[index])
+
     runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=Approvals(),
-                      session=session, sink=sink or LineWriter(settings.trace))
+                      session=session, sink=sink, store=store, settler=Settler(store, sink, on_settled),
+                      alerts=alerts)
     runtime_ref.append(runtime)
     return runtime
 
@@ -87,6 +104,9 @@ class RunningGateway:
         self.runtime.ready = False
         await self.agents.cleanup()
         await self.admin.cleanup()
+        await self.runtime.settler.close()
+        await self.runtime.alerts.close()
+        await self.runtime.store.close()
         await self.runtime.session.close()
         self.runtime.sink.close()
 

@@ -26,6 +26,10 @@ class Settings:
     admin_token: str | None = None
     hold_timeout: float = 900.0
     drain_timeout: float = 30.0
+    redis_url: str | None = None  # None: the in-memory store (one process)
+    store_timeout: float = 1.0  # seconds for any one store operation
+    alert_webhook: str | None = None  # budget alerts are POSTed here (JSON), retried in the background
+    workers: int = 1
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # for ${VAR} in rule files
 
 

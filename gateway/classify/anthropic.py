@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..incoming import Incoming
 from ..models import Action
 from .http import default_action
-from .llm import estimate, model_of, stream_of, text_size
+from .llm import model_of, output_cap, prompt_tokens, stream_of, text_size
 
 
 def classify(upstream: str, request: Incoming) -> Action:
@@ -18,7 +18,8 @@ def classify(upstream: str, request: Incoming) -> Action:
         model = model_of(body)
         prompt = text_size(body.get("messages")) + text_size(body.get("system"))
         return Action(upstream=upstream, kind="anthropic", verb="chat", resource=model, model=model,
-                      stream=stream_of(body), estimated_tokens=estimate(prompt, body.get("max_tokens")),
+                      stream=stream_of(body), input_tokens=prompt_tokens(prompt),
+                      max_output=output_cap(body.get("max_tokens")),
                       json=body)
     if request.method == "POST" and path == "/messages/count_tokens":
         body = request.json_object()

@@ -37,6 +37,12 @@ def text_size(value: Any) -> int:
     return 0
 
 
-def estimate(prompt_chars: int, max_output: Any) -> int:
-    output = max_output if isinstance(max_output, int) and not isinstance(max_output, bool) else 0
-    return prompt_chars // CHARS_PER_TOKEN + 1 + max(output, 0)
+def prompt_tokens(prompt_chars: int) -> int:
+    return prompt_chars // CHARS_PER_TOKEN + 1
+
+
+def output_cap(value: Any) -> int | None:
+    """The request's output-token cap, when it sets a usable one."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None

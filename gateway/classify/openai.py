@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..incoming import Incoming
 from ..models import Action
 from .http import default_action
-from .llm import estimate, model_of, stream_of, text_size
+from .llm import model_of, output_cap, prompt_tokens, stream_of, text_size
 
 
 def classify(upstream: str, request: Incoming) -> Action:
@@ -20,12 +20,13 @@ def classify(upstream: str, request: Incoming) -> Action:
             prompt = text_size(body.get("messages")) + text_size(body.get("prompt"))
             max_out = body.get("max_completion_tokens", body.get("max_tokens"))
         return Action(upstream=upstream, kind="openai", verb="chat", resource=model, model=model,
-                      stream=stream_of(body), estimated_tokens=estimate(prompt, max_out), json=body)
+                      stream=stream_of(body), input_tokens=prompt_tokens(prompt), max_output=output_cap(max_out),
+                      json=body)
     if request.method == "POST" and path == "/embeddings":
         body = request.json_object()
         model = model_of(body)
         return Action(upstream=upstream, kind="openai", verb="embed", resource=model, model=model,
-                      estimated_tokens=estimate(text_size(body.get("input")), 0), json=body)
+                      input_tokens=prompt_tokens(text_size(body.get("input"))), max_output=0, json=body)
     if request.method in ("GET", "HEAD") and (path == "/models" or path.startswith("/models/")):
         return Action(upstream=upstream, kind="openai", verb="read", resource="models")
     action = default_action(upstream, "openai", request)

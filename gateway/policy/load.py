@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from gateway.models import Mode
 from gateway.policy.conditions import ConditionError, compile_condition
 from gateway.policy.spec import (
+    DEFAULT_LOOP,
     EFFECTS,
     MODES,
     UPSTREAM_KINDS,
@@ -26,6 +27,7 @@ from gateway.policy.spec import (
     CredentialSpec,
     Effect,
     Loc,
+    LoopSpec,
     PriceSpec,
     RateLimitSpec,
     RouteSpec,
@@ -52,8 +54,8 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 300.0  # LLM streams can pause for minutes between tokens
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
-_UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout")
-_AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits")
+_UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout", "on_store_error")
+_AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits", "loop_detection")
 _RULE_OPTIONAL = ("id", "resources", "when", "reason", "timeout")
 
 
@@ -232,6 +234,7 @@ def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
             )
     connect_timeout = reader.duration(fields.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT)
     read_timeout = reader.duration(fields.get("read_timeout"), DEFAULT_READ_TIMEOUT)
+    on_store_error = reader.choice(fields.get("on_store_error"), ("deny", "allow"), "on_store_error", "deny")
     if reader.failed_since(mark) or kind is None:
         return None
     return UpstreamSpec(
@@ -245,6 +248,7 @@ def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         loc=node.loc,
+        on_store_error=cast(Literal["deny", "allow"], on_store_error),
     )
 
 
@@ -358,6 +362,7 @@ def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
     budgets = [_budget(ctx, item, f"{file_name}#budgets[{i}]") for i, item in budget_nodes]
     limit_nodes = enumerate(reader.items(fields.get("rate_limits")))
     rate_limits = [_rate_limit(ctx, item, f"{file_name}#rate_limits[{i}]") for i, item in limit_nodes]
+    loop = _loop(reader, fields["loop_detection"]) if "loop_detection" in fields else DEFAULT_LOOP
     if reader.failed_since(mark):
         return None
     return AgentSpec(
@@ -369,7 +374,22 @@ def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
         budgets=tuple(b for b in budgets if b is not None),
         rate_limits=tuple(r for r in rate_limits if r is not None),
         file=root.loc.file,
+        loop_detection=loop,
     )
+
+
+def _loop(reader: Reader, node: Node) -> LoopSpec | None:
+    """`loop_detection: {max_repeats: 20, per: minute}`, or `loop_detection: off` (YAML false)."""
+    if node.value is False:
+        return None
+    fields = reader.fields(node, ("max_repeats", "per"), ())
+    if fields is None:
+        return None
+    repeats = reader.count(fields.get("max_repeats"), None)
+    per = reader.choice(fields.get("per"), RATE_WINDOWS, "loop window", None)
+    if repeats is None or per is None:
+        return None
+    return LoopSpec(max_repeats=repeats, per=cast(Window, per))
 
 
 def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpec | None:
@@ -413,7 +433,9 @@ def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpe
 def _budget(ctx: _Context, node: Node, default_id: str) -> BudgetSpec | None:
     reader = ctx.reader
     mark = reader.mark()
-    fields = reader.fields(node, ("per",), ("id", "tokens", "usd", "alert_at"))
+    fields = reader.fields(
+        node, ("per",), ("id", "tokens", "usd", "alert_at", "default_output_tokens", "allow_unestimated",
+                         "clamp_max_tokens"))
     if fields is None:
         return None
     budget_id = _claim_id(ctx, fields, node, default_id)
@@ -424,9 +446,14 @@ def _budget(ctx: _Context, node: Node, default_id: str) -> BudgetSpec | None:
     reader.one_of(node, fields, "tokens", "usd", "a budget")
     per = reader.choice(fields.get("per"), BUDGET_WINDOWS, "budget window", "")
     alert_at = DEFAULT_ALERTS if "alert_at" not in fields else _alerts(reader, fields["alert_at"])
+    default_output = reader.count(fields.get("default_output_tokens"), None)
+    allow_unestimated = reader.flag(fields.get("allow_unestimated"), False)
+    clamp = reader.flag(fields.get("clamp_max_tokens"), False)
     if reader.failed_since(mark):
         return None
-    return BudgetSpec(id=budget_id, per=cast(Window, per), tokens=tokens, usd=usd, alert_at=alert_at, loc=node.loc)
+    return BudgetSpec(id=budget_id, per=cast(Window, per), tokens=tokens, usd=usd, alert_at=alert_at, loc=node.loc,
+                      default_output_tokens=default_output, allow_unestimated=allow_unestimated,
+                      clamp_max_tokens=clamp)
 
 
 def _alerts(reader: Reader, node: Node) -> tuple[float, ...]:
@@ -443,7 +470,8 @@ def _alerts(reader: Reader, node: Node) -> tuple[float, ...]:
 def _rate_limit(ctx: _Context, node: Node, default_id: str) -> RateLimitSpec | None:
     reader = ctx.reader
     mark = reader.mark()
-    fields = reader.fields(node, ("per",), ("id", "upstream", "requests", "tokens"))
+    fields = reader.fields(
+        node, ("per",), ("id", "upstream", "requests", "tokens", "default_output_tokens", "allow_unestimated"))
     if fields is None:
         return None
     limit_id = _claim_id(ctx, fields, node, default_id)
@@ -452,8 +480,11 @@ def _rate_limit(ctx: _Context, node: Node, default_id: str) -> RateLimitSpec | N
     tokens = reader.count(fields.get("tokens"), None)
     reader.one_of(node, fields, "requests", "tokens", "a rate limit")
     per = reader.choice(fields.get("per"), RATE_WINDOWS, "rate limit window", "")
+    default_output = reader.count(fields.get("default_output_tokens"), None)
+    allow_unestimated = reader.flag(fields.get("allow_unestimated"), False)
     if reader.failed_since(mark):
         return None
     return RateLimitSpec(
-        id=limit_id, per=cast(Window, per), upstream=upstream, requests=requests, tokens=tokens, loc=node.loc
+        id=limit_id, per=cast(Window, per), upstream=upstream, requests=requests, tokens=tokens, loc=node.loc,
+        default_output_tokens=default_output, allow_unestimated=allow_unestimated,
     )

@@ -92,6 +92,8 @@ class UpstreamSpec:
     connect_timeout: float  # seconds
     read_timeout: float  # seconds between bytes from the upstream
     loc: Loc
+    # When the limits store is unreachable: `deny` (fail closed, the default) or `allow` (traced as such).
+    on_store_error: Literal["deny", "allow"] = "deny"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,9 @@ class BudgetSpec:
     usd: float | None
     alert_at: tuple[float, ...]
     loc: Loc
+    default_output_tokens: int | None = None  # reserved when a chat request sets no max_tokens
+    allow_unestimated: bool = False  # admit calls whose cost cannot be estimated (reserving input only)
+    clamp_max_tokens: bool = False  # lower the request's max_tokens to what the budget can still pay for
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,19 @@ class RateLimitSpec:
     requests: int | None
     tokens: int | None
     loc: Loc
+    default_output_tokens: int | None = None
+    allow_unestimated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSpec:
+    """The same call (agent, method, path, query, body) more than `max_repeats` times per `per` is a loop."""
+
+    max_repeats: int
+    per: Window
+
+
+DEFAULT_LOOP = LoopSpec(max_repeats=20, per="minute")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +158,7 @@ class AgentSpec:
     budgets: tuple[BudgetSpec, ...]
     rate_limits: tuple[RateLimitSpec, ...]
     file: str
+    loop_detection: LoopSpec | None = DEFAULT_LOOP  # None: off
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,6 +215,14 @@ class Reader:
             return default
         return value
 
+    def flag(self, node: Node | None, default: bool) -> bool:
+        if node is None:
+            return default
+        if not isinstance(node.value, bool):
+            self.bad_type(node, "true or false")
+            return default
+        return node.value
+
     def count(self, node: Node | None, default: T) -> int | T:
         """A positive integer (a boolean is not an integer)."""
         if node is None:

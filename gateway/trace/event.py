@@ -24,6 +24,7 @@ class TraceEvent:
     trace_id: str
     span_id: str
     ts: float = field(default_factory=time.time)
+    kind: str | None = None  # None for a call; `budget_alert`, `settlement_pending`, ... for other records
     agent: str | None = None
     upstream: str | None = None
     method: str | None = None
@@ -45,7 +46,9 @@ class TraceEvent:
     upstream_ms: float | None = None
     tokens: dict[str, int] | None = None
     cost_usd: float | None = None
-    budget: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None  # the tightest budget after this call: id, unit, used, limit, window
+    rate_limit: dict[str, Any] | None = None  # the tightest rate limit: id, remaining, limit
+    limits: list[str] | None = None  # notes from the limit stage (store unavailable, usage missing, ...)
     stream: bool | None = None
     # Extra records: batch elements' decisions, usage notes, ...
     detail: dict[str, Any] | None = None

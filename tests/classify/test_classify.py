@@ -11,7 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.classify import Classified, classify
 from gateway.classify.http import compile_routes
-from gateway.classify.llm import CHARS_PER_TOKEN, estimate
+from gateway.classify.llm import CHARS_PER_TOKEN, output_cap, prompt_tokens
 from gateway.classify.mcp import RpcInfo
 from gateway.errors import GatewayError
 from gateway.incoming import Incoming
@@ -60,18 +60,18 @@ def http_spec(*routes: tuple[str, str, str, str | None]) -> UpstreamSpec:
 # -- the estimate ------------------------------------------------------------------------------------------------
 
 
-def test_estimate_is_quarter_of_prompt_chars_plus_one_plus_max_output() -> None:
+def test_prompt_tokens_are_a_quarter_of_the_characters_plus_one() -> None:
     assert CHARS_PER_TOKEN == 4
-    assert estimate(0, None) == 1
-    assert estimate(3, None) == 1
-    assert estimate(4, None) == 2
-    assert estimate(40, 100) == 111
-    assert estimate(41, 100) == 111
+    assert [prompt_tokens(n) for n in (0, 3, 4, 40, 41)] == [1, 1, 2, 11, 11]
 
 
 @pytest.mark.parametrize("max_output", [None, "100", 1.5, True, -50])
-def test_estimate_ignores_non_int_or_negative_max_output(max_output: Any) -> None:
-    assert estimate(40, max_output) == 11
+def test_output_cap_ignores_non_int_or_negative_values(max_output: Any) -> None:
+    assert output_cap(max_output) is None
+
+
+def test_output_cap_keeps_a_usable_value() -> None:
+    assert (output_cap(0), output_cap(100)) == (0, 100)
 
 
 # -- openai ------------------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello 
 def test_openai_chat_completions_is_chat_on_the_model() -> None:
     action = one("openai", "POST", "/chat/completions", {**CHAT, "max_tokens": 50})
     assert action == Action(upstream="openai", kind="openai", verb="chat", resource="gpt-4o-mini",
-                            model="gpt-4o-mini", stream=False, estimated_tokens=16 // 4 + 1 + 50,
+                            model="gpt-4o-mini", stream=False, input_tokens=16 // 4 + 1, max_output=50,
                             json={**CHAT, "max_tokens": 50})
 
 
@@ -129,7 +129,7 @@ def test_openai_embeddings_is_embed_without_output_tokens() -> None:
     body = {"model": "text-embedding-3-small", "input": ["a" * 10, "b" * 10], "max_tokens": 500}
     action = one("openai", "POST", "/embeddings", body)
     assert action == Action(upstream="openai", kind="openai", verb="embed", resource="text-embedding-3-small",
-                            model="text-embedding-3-small", estimated_tokens=6, json=body)
+                            model="text-embedding-3-small", input_tokens=6, max_output=0, json=body)
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/models"), ("GET", "/models/gpt-4o"), ("HEAD", "/models"),
@@ -200,7 +200,7 @@ MESSAGES = {"model": "claude-haiku-4-5", "system": "s" * 8, "max_tokens": 100,
 def test_anthropic_messages_is_chat_with_and_without_v1(path: str) -> None:
     action = one("anthropic", "POST", path, MESSAGES)
     assert action == Action(upstream="anthropic", kind="anthropic", verb="chat", resource="claude-haiku-4-5",
-                            model="claude-haiku-4-5", stream=False, estimated_tokens=40 // 4 + 1 + 100,
+                            model="claude-haiku-4-5", stream=False, input_tokens=40 // 4 + 1, max_output=100,
                             json=MESSAGES)
 
 

@@ -1,0 +1,144 @@
+"""The in-memory store (one process, the embedded default). Atomic because nothing awaits mid-operation.
+
+It is also the reference for the Redis scripts: both follow the same steps in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+from .store import (
+    BudgetCounter,
+    Plan,
+    RateCounter,
+    Refusal,
+    Reservation,
+    Settlement,
+    budget_cost,
+    rate_cost,
+)
+
+
+class MemoryStore:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._values: dict[str, float] = {}
+        self._expires: dict[str, float] = {}
+
+    # -- storage with lazy expiry -------------------------------------------------------------------------------
+    def _get(self, key: str, now: float) -> float | None:
+        expires = self._expires.get(key)
+        if expires is not None and expires <= now:
+            self._values.pop(key, None)
+            self._expires.pop(key, None)
+            return None
+        return self._values.get(key)
+
+    def _set(self, key: str, value: float, expires_at: float) -> None:
+        self._values[key] = value
+        self._expires[key] = expires_at
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired keys now and then, so windows that ended do not pile up."""
+        if len(self._expires) > 4096 and int(now) % 16 == 0:
+            for key in [k for k, t in self._expires.items() if t <= now]:
+                self._values.pop(key, None)
+                self._expires.pop(key, None)
+
+    # -- the protocol --------------------------------------------------------------------------------------------
+    async def reserve(self, plan: Plan) -> Reservation | Refusal:
+        now = plan.now
+        self._sweep(now)
+        output = plan.output
+        # 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
+        used_before = [int(self._get(b.key, now) or 0) for b in plan.budgets]
+        for budget, used in zip(plan.budgets, used_before, strict=True):
+            room = budget.limit - used - budget.per_input * plan.input
+            if room < 0:  # the input alone does not fit (or the budget is overdrawn): no output size can help
+                return Refusal("budget_exceeded", budget.id, max(0.0, budget.resets_at - now))
+            if budget.per_output > 0:
+                affordable = math.floor(room / budget.per_output)
+                if affordable < output:
+                    if plan.min_output is not None and affordable >= plan.min_output:
+                        output = affordable
+                    else:
+                        return Refusal("budget_exceeded", budget.id, max(0.0, budget.resets_at - now))
+        # 2. Rate counters (loop detectors first in plan order): GCRA, all checked before any is charged.
+        new_tats: list[float] = []
+        for rate in plan.rates:
+            interval = rate.period / rate.limit
+            tat = max(self._get(rate.key, now) or now, now)
+            new_tat = tat + rate_cost(rate, plan.input, output) * interval
+            if new_tat - now > rate.period:
+                retry = new_tat - now - rate.period
+                detail = "loop_detected" if rate.kind == "loop" else None
+                return Refusal("rate_limited", rate.id, retry, detail)
+            new_tats.append(new_tat)
+        # 3. Admitted: charge everything.
+        used_after = []
+        for budget, used in zip(plan.budgets, used_before, strict=True):
+            total = used + budget_cost(budget, plan.input, output)
+            self._set(budget.key, total, now + budget.ttl)
+            used_after.append(total)
+        remaining = []
+        for rate, new_tat in zip(plan.rates, new_tats, strict=True):
+            self._set(rate.key, new_tat, new_tat + 1)
+            remaining.append(_remaining(rate, new_tat, now))
+        if plan.marker:
+            self._set(plan.marker, 1, now + plan.marker_ttl)
+        return Reservation(plan, output, tuple(used_after), tuple(remaining))
+
+    async def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> Settlement:
+        plan = reservation.plan
+        now = self._clock()
+        if self._get(plan.marker, now) is None:  # already settled, or never reserved
+            return Settlement(tuple(int(self._get(b.key, now) or 0) for b in plan.budgets), (), applied=False)
+        self._values.pop(plan.marker, None)
+        self._expires.pop(plan.marker, None)
+        used_after: list[int] = []
+        alerts: list[tuple[int, float]] = []
+        for i, budget in enumerate(plan.budgets):
+            delta = budget_cost(budget, input_tokens, output_tokens) - budget_cost(budget, plan.input,
+                                                                                   reservation.output)
+            total = int(self._get(budget.key, now) or 0) + delta
+            self._set(budget.key, total, now + budget.ttl)
+            used_after.append(total)
+            fired = int(self._get(budget.alert_key, now) or 0)  # how many thresholds already fired
+            crossed = [t for t in budget.alert_at if total >= t * budget.limit]
+            if len(crossed) > fired:
+                alerts.extend((i, t) for t in crossed[fired:])
+                self._set(budget.alert_key, len(crossed), now + budget.ttl)
+        for rate in plan.rates:
+            delta = rate_cost(rate, input_tokens, output_tokens) - rate_cost(rate, plan.input, reservation.output)
+            if delta:
+                tat = self._get(rate.key, now)
+                if tat is not None:
+                    new_tat = tat + delta * rate.period / rate.limit
+                    self._set(rate.key, new_tat, max(new_tat, now) + 1)
+        return Settlement(tuple(used_after), tuple(alerts))
+
+    async def peek(self, rates: tuple[RateCounter, ...], budgets: tuple[BudgetCounter, ...],
+                   now: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        remaining = tuple(_remaining(r, max(self._get(r.key, now) or now, now), now) for r in rates)
+        used = tuple(int(self._get(b.key, now) or 0) for b in budgets)
+        return remaining, used
+
+    async def close(self) -> None:
+        pass
+
+
+def _remaining(rate: RateCounter, tat: float, now: float) -> int:
+    """Units that could still be spent at once: what the GCRA cell has room for."""
+    interval = rate.period / rate.limit
+    return max(0, math.floor((rate.period - (tat - now)) / interval + 1e-9))
+
+
+def budget_state(budget: BudgetCounter, used: int) -> dict[str, object]:
+    """How a budget reads in traces and the admin API (USD budgets in dollars)."""
+    scale = 1e9 if budget.unit == "usd_nanos" else 1
+    unit = "usd" if budget.unit == "usd_nanos" else "tokens"
+    return {"id": budget.id, "unit": unit, "used": used / scale if scale != 1 else used,
+            "limit": budget.limit / scale if scale != 1 else budget.limit, "window": budget.window,
+            "resets_at": budget.resets_at}

@@ -1,0 +1,116 @@
+"""The `Store` protocol: one atomic round trip to reserve, one to settle; two backends implement it.
+
+Every counter has the same shape: a call costs `per_call + per_input * input + per_output * output` (tokens),
+so a request rate (1, 0, 0), a token rate or budget (0, 1, 1) and a USD budget (0, in_price, out_price, in
+nano-dollars per token) are all checked and settled by the same code. Rate counters are
+GCRA cells (`limit` per `period` seconds, bursts up to `limit`); budgets are sums within a calendar window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (connection refused, timeout): callers fail closed unless told otherwise."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateCounter:
+    """A GCRA cell: at most `limit` units per `period` seconds."""
+
+    id: str
+    key: str
+    limit: int
+    period: float
+    per_call: int
+    per_input: int
+    per_output: int
+    kind: Literal["rate", "loop"] = "rate"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCounter:
+    """A sum within a calendar window; `ttl` keeps the key a little past the window's end."""
+
+    id: str
+    key: str
+    alert_key: str
+    limit: int
+    per_input: int
+    per_output: int
+    window: str
+    resets_at: float
+    ttl: int
+    alert_at: tuple[float, ...]
+    unit: Literal["tokens", "usd_nanos"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one call must reserve, decided before any store I/O."""
+
+    agent: str
+    # Reservation key: settle applies only while it exists, so at most once. Empty when nothing could
+    # change at settlement (no budget, no token-priced rate), and then there is no settlement at all.
+    marker: str
+    marker_ttl: int  # seconds: longer than any call can take
+    rates: tuple[RateCounter, ...]
+    budgets: tuple[BudgetCounter, ...]
+    input: int  # estimated input tokens
+    output: int  # output tokens to reserve (the request's max, or a default cap)
+    min_output: int | None  # set when clamping is on: output may be lowered, but not below this
+    now: float
+
+    @property
+    def settles(self) -> bool:
+        return bool(self.marker)
+
+
+def rate_cost(counter: RateCounter, input_tokens: int, output_tokens: int) -> int:
+    return counter.per_call + counter.per_input * input_tokens + counter.per_output * output_tokens
+
+
+def budget_cost(counter: BudgetCounter, input_tokens: int, output_tokens: int) -> int:
+    return counter.per_input * input_tokens + counter.per_output * output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    type: Literal["rate_limited", "budget_exceeded"]
+    counter: str  # the id of the rate limit, budget or loop detector that refused
+    retry_after: float  # seconds
+    detail: str | None = None  # `loop_detected` for the loop detector
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    plan: Plan
+    output: int  # output tokens granted (lower than asked when clamped)
+    used: tuple[int, ...]  # each budget's total after this reservation, in plan order
+    remaining: tuple[int, ...]  # each rate counter's remaining units after this reservation
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    used: tuple[int, ...]  # each budget's total after settling, in plan order
+    alerts: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (budget index, threshold) crossed
+    applied: bool = True  # False when the reservation was already settled (or never made)
+
+
+class Store(Protocol):
+    async def reserve(self, plan: Plan) -> Reservation | Refusal:
+        """Check every counter and, only if all admit, charge them all; atomically, in one round trip."""
+        ...
+
+    async def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> Settlement:
+        """Replace the reserved cost with the real one (idempotent: only the first call applies)."""
+        ...
+
+    async def peek(self, rates: tuple[RateCounter, ...], budgets: tuple[BudgetCounter, ...],
+                   now: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(remaining units per rate counter, used per budget), changing nothing."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,122 @@
+"""forward + account: send the decided request upstream, stream the answer back, then settle its usage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import forward
+from .account import Usage, UsageChunkFilter, UsageMeter, cost_usd
+from .classify import Classified
+from .classify.mcp import tool_action
+from .errors import GatewayError
+from .incoming import Incoming
+from .limits.enforce import charge
+from .limits.rewrite import rewrite
+from .limits.store import Reservation
+from .models import Action
+from .policy.compile import AgentPolicy, Upstream
+from .policy.decide import may_call_tool
+from .policy.spec import UpstreamSpec
+from .runtime import Runtime
+from .toolfilter import filter_tools
+from .trace.event import TraceEvent
+
+
+async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: AgentPolicy, classified: Classified,
+                action: Action, incoming: Incoming, query: str, event: TraceEvent, trace_flags: str,
+                reservation: Reservation | None) -> web.StreamResponse:
+    spec = upstream.spec
+    body, hide_usage = rewrite(action, incoming.path, reservation)
+    traceparent = f"00-{event.trace_id}-{event.span_id}-{trace_flags}"
+    headers = forward.upstream_headers(request.headers, spec, traceparent)
+    url = forward.target_url(spec, incoming.path, query)
+    sent = time.perf_counter()
+    upstream_response = await forward.send(rt.session, spec, incoming.method, url, headers,
+                                           incoming.body if body is None else body)
+    event.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
+    async with upstream_response:
+        event.status = upstream_response.status
+        content_type = upstream_response.headers.get("Content-Type", "")
+        out_headers = forward.response_headers(upstream_response.headers)
+        out_headers["x-agent-gateway-trace-id"] = event.trace_id
+        rpc = classified.rpc
+        if rpc is not None and rpc.tools_list_ids and upstream_response.status == 200:
+            return await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids, out_headers,
+                                         content_type, upstream)
+        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
+                                      headers=out_headers)
+        if upstream_response.content_length is not None and not hide_usage:
+            response.content_length = upstream_response.content_length
+        meter = UsageMeter(content_type)
+        hider = UsageChunkFilter() if hide_usage and meter.sse else None
+        missing = "the response carried no usage"
+        try:
+            await response.prepare(request)
+            write = response.write if hider is None else _filtered_writer(response, hider)
+            await forward.pump(upstream_response, spec, write, meter.feed)
+            if hider is not None:
+                await response.write(hider.flush())
+            await response.write_eof()  # the agent has its answer before the settlement round trip
+        except GatewayError as error:
+            # Headers are gone already: the agent cannot get an error body, so cut the connection
+            # rather than end the stream cleanly and let a truncated answer pass for a whole one.
+            event.error = error.type
+            event.reason = error.message
+            missing = "the upstream broke off mid-response"
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionResetError:  # the agent hung up (aiohttp's ClientConnectionResetError included)
+            event.error = "client_disconnected"
+            event.status = 499
+            missing = "the agent hung up mid-response"
+        except asyncio.CancelledError:
+            # Cancelled because the agent hung up: still charge, from a task of its own.
+            usage = _account(event, spec, meter)
+            if reservation is not None and reservation.plan.settles:
+                used = charge(reservation, usage, event, "the agent hung up mid-response")
+                rt.settler.settle_soon(reservation, *used, event)
+            raise
+        usage = _account(event, spec, meter)
+        if reservation is not None and reservation.plan.settles:
+            await rt.settler.settle(reservation, *charge(reservation, usage, event, missing), event)
+        return response
+
+
+def _filtered_writer(response: web.StreamResponse, hider: UsageChunkFilter) -> Any:
+    async def write(chunk: bytes) -> None:
+        out = hider.feed(chunk)
+        if out:
+            await response.write(out)
+
+    return write
+
+
+def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> Usage | None:
+    usage = meter.finish()
+    if usage is not None:
+        event.tokens = {"input": usage.input, "output": usage.output}
+        event.cost_usd = cost_usd(spec.prices, event.model, usage)
+    return usage
+
+
+async def _filtered_tools(upstream_response: aiohttp.ClientResponse, name: str, agent: AgentPolicy,
+                          ids: tuple[Any, ...], headers: CIMultiDict[str], content_type: str,
+                          upstream: Upstream) -> web.Response:
+    """`tools/list` answers are small: read whole, keep only the tools this agent may call."""
+    body = await upstream_response.read()
+
+    def keep(tool: str) -> bool:
+        verb, resource = tool_action(upstream.spec, tool)
+        return may_call_tool(agent, name, verb, resource)
+
+    try:
+        filtered = filter_tools(body, content_type, ids, keep)
+    except ValueError as exc:
+        raise GatewayError("upstream_error", f"upstream {name!r} sent a tools/list answer that is not JSON") from exc
+    return web.Response(status=200, body=filtered, headers=headers)
