@@ -144,10 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = process_env()
     args = build_parser(env).parse_args(argv)
     if args.command == "serve":
-        from .server import serve
+        from .server import serve, serve_workers
 
         settings = settings_from(args, env)
         try:
+            if settings.workers > 1:
+                return serve_workers(settings)
             serve(settings)
         except RuleSetInvalid as invalid:
             for error in invalid.errors:

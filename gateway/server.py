@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import multiprocessing
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -117,7 +119,7 @@ def _port(runner: web.AppRunner) -> int:
     raise RuntimeError("listener has no address")
 
 
-async def start_gateway(settings: Settings, sink: TraceSink | None = None) -> RunningGateway:
+async def start_gateway(settings: Settings, sink: TraceSink | None = None, reuse_port: bool = False) -> RunningGateway:
     runtime = await build_runtime(settings, sink)
     # handler_cancellation: a held call whose agent hung up must not be forwarded after an approval.
     agents = web.AppRunner(agents_app(runtime), handler_cancellation=True, access_log=None,
@@ -125,13 +127,13 @@ async def start_gateway(settings: Settings, sink: TraceSink | None = None) -> Ru
     admin = web.AppRunner(make_admin_app(runtime), access_log=None, shutdown_timeout=5)
     await agents.setup()
     await admin.setup()
-    await web.TCPSite(agents, settings.host, settings.port).start()
-    await web.TCPSite(admin, settings.admin_host, settings.admin_port).start()
+    await web.TCPSite(agents, settings.host, settings.port, reuse_port=reuse_port or None).start()
+    await web.TCPSite(admin, settings.admin_host, settings.admin_port, reuse_port=reuse_port or None).start()
     return RunningGateway(runtime, agents, admin, _port(agents), _port(admin))
 
 
-async def _serve(settings: Settings) -> None:
-    gateway = await start_gateway(settings)
+async def _serve(settings: Settings, reuse_port: bool = False) -> None:
+    gateway = await start_gateway(settings, reuse_port=reuse_port)
     # Everything loaded so far (modules, the compiled policy) lives as long as the process: move it out of
     # the collector's reach, so full collections stay short (p99 35 ms -> 9 ms in the load test).
     gc.collect()
@@ -147,8 +149,38 @@ async def _serve(settings: Settings) -> None:
     await gateway.close()
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, reuse_port: bool = False) -> None:
     import uvloop
 
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(_serve(settings))
+        uvloop.run(_serve(settings, reuse_port))
+
+
+WORKERS_NEED_REDIS = ("--workers {n} needs --redis-url (AGENT_GATEWAY_REDIS_URL): with the in-memory store each "
+                      "process would keep its own budgets and rate limits, so agents would get {n} times their limits")
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run `settings.workers` processes on the same ports (SO_REUSEPORT); the kernel spreads connections.
+
+    They share limits through Redis. SIGTERM/SIGINT are passed on, and each worker drains on its own.
+    """
+    if not settings.redis_url:
+        raise ValueError(WORKERS_NEED_REDIS.format(n=settings.workers))
+    load_policy(settings)  # rule errors are reported once, here, not by every worker
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=serve, args=(settings, True), name=f"agent-gateway-{i}", daemon=False)
+               for i in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+
+    def pass_on(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    for worker in workers:
+        worker.join()
+    return max((worker.exitcode or 0) for worker in workers)

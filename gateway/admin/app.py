@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..approvals import CATEGORIES, ApprovalConflict
+from ..limits.plan import usage_counters
+from ..limits.store import StoreUnavailable
 from ..runtime import RUNTIME
 from .auth import admin_auth, admin_error, require_role
 
@@ -70,6 +73,29 @@ async def deny(request: web.Request) -> web.Response:
     return await _decide(request, False)
 
 
+async def agent_usage(request: web.Request) -> web.Response:
+    """Current use of every budget and rate limit of one agent, read from the store (changes nothing)."""
+    require_role(request, "admin", "approver")
+    rt = request.app[RUNTIME]
+    agent_id = request.match_info["id"]
+    agent = rt.policy.agents.get(agent_id)
+    if agent is None:
+        return admin_error(404, "not_found", f"no agent {agent_id!r} in the rules")
+    now = time.time()
+    rates, budgets = usage_counters(agent.spec, now)
+    try:
+        remaining, used = await rt.store.peek(rates, budgets, now)
+    except StoreUnavailable:
+        return admin_error(503, "store_unavailable", "the limits store is unreachable")
+    return _json({
+        "agent": agent_id,
+        "budgets": [b.state(u) for b, u in zip(budgets, used, strict=True)],
+        "rate_limits": [{"id": r.id, "limit": r.limit, "per_seconds": r.period, "remaining": left,
+                         "unit": "requests" if r.per_call else "tokens"}
+                        for r, left in zip(rates, remaining, strict=True)],
+    })
+
+
 def admin_app() -> web.Application:
     app = web.Application(middlewares=[admin_auth])
     app.router.add_get("/healthz", healthz)
@@ -77,4 +103,5 @@ def admin_app() -> web.Application:
     app.router.add_get("/approvals", list_approvals)
     app.router.add_post("/approvals/{id}/approve", approve)
     app.router.add_post("/approvals/{id}/deny", deny)
+    app.router.add_get("/agents/{id}/usage", agent_usage)
     return app

@@ -10,7 +10,6 @@ import aiohttp
 
 from ..trace.event import TraceEvent, new_span_id, new_trace_id
 from ..trace.sinks import TraceSink
-from .memory_store import budget_state
 from .store import BudgetCounter
 
 
@@ -28,7 +27,7 @@ class Alerts:
         self._worker: asyncio.Task[None] | None = None
 
     def fire(self, agent: str, budget: BudgetCounter, threshold: float, used: int) -> None:
-        state = budget_state(budget, used)
+        state = budget.state(used)
         payload = {"type": "budget_alert", "agent": agent, "budget": state, "threshold": threshold}
         event = TraceEvent(trace_id=new_trace_id(), span_id=new_span_id(), kind="budget_alert", agent=agent,
                            budget=state, reason=f"budget {budget.id} reached {threshold:.0%} of its limit "

@@ -15,7 +15,6 @@ from ..models import Action
 from ..policy.spec import AgentSpec, UpstreamSpec
 from ..trace.event import TraceEvent, new_span_id, new_trace_id
 from ..trace.sinks import TraceSink
-from .memory_store import budget_state
 from .plan import build_plan
 from .store import Refusal, Reservation, Settlement, Store, StoreUnavailable
 
@@ -40,7 +39,7 @@ def _record(event: TraceEvent, reservation: Reservation, used: tuple[int, ...]) 
     plan = reservation.plan
     if plan.budgets:
         tightest = max(range(len(plan.budgets)), key=lambda i: used[i] / max(plan.budgets[i].limit, 1))
-        event.budget = budget_state(plan.budgets[tightest], used[tightest])
+        event.budget = plan.budgets[tightest].state(used[tightest])
     rates = [(r, left) for r, left in zip(plan.rates, reservation.remaining, strict=True) if r.kind == "rate"]
     if rates:
         rate, left = min(rates, key=lambda pair: pair[1] / pair[0].limit)

@@ -134,11 +134,3 @@ def _remaining(rate: RateCounter, tat: float, now: float) -> int:
     interval = rate.period / rate.limit
     return max(0, math.floor((rate.period - (tat - now)) / interval + 1e-9))
 
-
-def budget_state(budget: BudgetCounter, used: int) -> dict[str, object]:
-    """How a budget reads in traces and the admin API (USD budgets in dollars)."""
-    scale = 1e9 if budget.unit == "usd_nanos" else 1
-    unit = "usd" if budget.unit == "usd_nanos" else "tokens"
-    return {"id": budget.id, "unit": unit, "used": used / scale if scale != 1 else used,
-            "limit": budget.limit / scale if scale != 1 else budget.limit, "window": budget.window,
-            "resets_at": budget.resets_at}

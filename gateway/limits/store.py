@@ -46,6 +46,14 @@ class BudgetCounter:
     alert_at: tuple[float, ...]
     unit: Literal["tokens", "usd_nanos"]
 
+    def state(self, used: int) -> dict[str, object]:
+        """How the budget reads in traces and the admin API (USD budgets in dollars)."""
+        if self.unit == "usd_nanos":
+            return {"id": self.id, "unit": "usd", "used": used / 1e9, "limit": self.limit / 1e9,
+                    "window": self.window, "resets_at": self.resets_at}
+        return {"id": self.id, "unit": "tokens", "used": used, "limit": self.limit, "window": self.window,
+                "resets_at": self.resets_at}
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
