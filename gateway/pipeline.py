@@ -77,7 +77,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if decision.outcome == "deny":
             raise GatewayError("policy_denied", decision.reason, rule=decision.rule)
         call = fingerprint(agent.id, action.upstream, incoming)
-        reservation = await reserve(rt.store, agent_policy.spec, action, upstream.spec, call, event)
+        reservation = await reserve(rt.store, agent_policy.planner, action, upstream.spec, call, event, rt.settler)
         stage = "hold"
         try:
             if decision.outcome == "hold":

@@ -19,3 +19,21 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# redis-server: the Redis store tests start their own (they fail, never skip, without it).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "redis-server is missing: install it with your package manager (e.g. brew install redis)" >&2
+    exit 1
+  fi
+  apt_get=(env DEBIAN_FRONTEND=noninteractive apt-get)
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "redis-server is missing and installing it needs root: apt-get install redis-server" >&2
+      exit 1
+    fi
+    apt_get=(sudo "${apt_get[@]}")
+  fi
+  "${apt_get[@]}" update -qq
+  "${apt_get[@]}" install -y -qq redis-server >/dev/null
+fi

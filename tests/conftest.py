@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Callable
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +89,122 @@ def rules_copy(tmp_path: Path) -> Callable[[], Path]:
         return target
 
     return make
+
+
+# -- Redis: a real redis-server for the store tests (never skipped: a missing binary fails the run) --------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
+    """One command over a raw socket, first reply line returned: independent of the client under test."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        reply = b""
+        while not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0]
+
+
+class RedisProcess:
+    """A redis-server on a loopback port that a test can stop, restart on the same port, pause and resume.
+
+    `persistent` keeps the data across a stop/start (append-only file, fsync always), for tests of recovery;
+    `extra_args` go to redis-server as they are (e.g. a TLS port).
+    """
+
+    def __init__(self, port: int | None = None, *, persistent: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+        self.port = port or free_port()
+        self.persistent = persistent
+        self.extra_args = extra_args
+        self.dir = Path(tempfile.mkdtemp(prefix="agw-redis-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, ready_within: float = 10.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; the Redis store tests need it (run scripts/setup.sh, or "
+                        "apt-get install redis-server)", pytrace=False)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if self.persistent else "no", "--protected-mode", "yes",
+                "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
+        if self.persistent:
+            args += ["--appendfsync", "always"]
+        args += self.extra_args
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + ready_within
+        while True:  # bounded retries of the connection attempt until the server answers PING
+            if self._proc.poll() is not None:
+                self._proc = None
+                pytest.fail(f"redis-server exited at start-up:\n{self._log_tail()}", pytrace=False)
+            try:
+                if redis_command(self.port, "PING") == b"+PONG":
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"redis-server did not answer PING within {ready_within}s:\n{self._log_tail()}",
+                            pytrace=False)
+            time.sleep(0.01)  # between connection attempts only
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._paused:
+            self.resume()
+        self._proc.terminate()
+        try:
+            self._proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, but nothing ever answers."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _log_tail(self) -> str:
+        log = self.dir / "redis.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-20:]) if log.exists() else "(no log)"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """One redis-server for the whole run; tests get it through `redis_url`, which empties it first."""
+    server = RedisProcess()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProcess) -> str:
+    assert redis_command(redis_server.port, "FLUSHALL") == b"+OK"
+    return redis_server.url

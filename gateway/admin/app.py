@@ -9,7 +9,6 @@ import orjson
 from aiohttp import web
 
 from ..approvals import CATEGORIES, ApprovalConflict
-from ..limits.plan import usage_counters
 from ..limits.store import StoreUnavailable
 from ..runtime import RUNTIME
 from .auth import admin_auth, admin_error, require_role
@@ -82,7 +81,7 @@ async def agent_usage(request: web.Request) -> web.Response:
     if agent is None:
         return admin_error(404, "not_found", f"no agent {agent_id!r} in the rules")
     now = time.time()
-    rates, budgets = usage_counters(agent.spec, now)
+    rates, budgets = agent.planner.usage_counters(now)
     try:
         remaining, used = await rt.store.peek(rates, budgets, now)
     except StoreUnavailable:

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from ..account import Usage
 from ..errors import GatewayError
 from ..models import Action
-from ..policy.spec import AgentSpec, UpstreamSpec
+from ..policy.spec import UpstreamSpec
 from ..trace.event import TraceEvent, new_span_id, new_trace_id
 from ..trace.sinks import TraceSink
-from .plan import build_plan
+from .plan import Planner
 from .store import Refusal, Reservation, Settlement, Store, StoreUnavailable
 
 
@@ -50,10 +50,10 @@ def _note(event: TraceEvent, note: str) -> None:
     event.limits = [*(event.limits or []), note]
 
 
-async def reserve(store: Store, agent: AgentSpec, action: Action, upstream: UpstreamSpec, call_fingerprint: str,
-                  event: TraceEvent) -> Reservation | None:
+async def reserve(store: Store, planner: Planner, action: Action, upstream: UpstreamSpec, call_fingerprint: str,
+                  event: TraceEvent, settler: Settler | None = None) -> Reservation | None:
     """Reserve the call's expected cost on every counter it touches, or raise the refusal."""
-    planned = build_plan(agent, action, upstream, call_fingerprint, time.time())
+    planned = planner.plan(action, upstream, call_fingerprint, time.time())
     for note in planned.notes:
         _note(event, note)
     if planned.plan is None:
@@ -61,6 +61,11 @@ async def reserve(store: Store, agent: AgentSpec, action: Action, upstream: Upst
     try:
         result = await store.reserve(planned.plan)
     except StoreUnavailable as exc:
+        plan = planned.plan
+        if settler is not None and plan.settles and plan.min_output is None:
+            # A reserve that timed out may still run once the store answers: queue its release, which applies
+            # only if the reservation marker exists (a no-op when the reserve never ran).
+            settler.release_later(Reservation(plan, plan.output, (), ()))
         if upstream.on_store_error == "allow":
             _note(event, f"limits store unavailable ({exc}); admitted unmetered: upstream {upstream.name!r} "
                          "sets on_store_error: allow")
@@ -119,6 +124,12 @@ class Settler:
                     self.on_settled(reservation, settlement)
             self._pending = still
             delay = min(delay * 2, max_delay)
+
+    def release_later(self, reservation: Reservation) -> None:
+        """Queue a zero-usage settlement for the background retries (see `reserve`)."""
+        self._pending.append((reservation, 0, 0))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._retry())
 
     def settle_soon(self, reservation: Reservation, input_tokens: int, output_tokens: int,
                     event: TraceEvent) -> None:

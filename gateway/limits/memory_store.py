@@ -26,6 +26,7 @@ class MemoryStore:
         self._clock = clock
         self._values: dict[str, float] = {}
         self._expires: dict[str, float] = {}
+        self._next_sweep = 0.0
 
     # -- storage with lazy expiry -------------------------------------------------------------------------------
     def _get(self, key: str, now: float) -> float | None:
@@ -41,11 +42,13 @@ class MemoryStore:
         self._expires[key] = expires_at
 
     def _sweep(self, now: float) -> None:
-        """Drop expired keys now and then, so windows that ended do not pile up."""
-        if len(self._expires) > 4096 and int(now) % 16 == 0:
-            for key in [k for k, t in self._expires.items() if t <= now]:
-                self._values.pop(key, None)
-                self._expires.pop(key, None)
+        """Drop expired keys every few seconds (not per call), so ended windows and one-off loop cells go."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 5.0
+        for key in [k for k, t in self._expires.items() if t <= now]:
+            self._values.pop(key, None)
+            self._expires.pop(key, None)
 
     # -- the protocol --------------------------------------------------------------------------------------------
     async def reserve(self, plan: Plan) -> Reservation | Refusal:

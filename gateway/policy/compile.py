@@ -6,9 +6,10 @@ import fnmatch
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..classify.http import RouteTable, compile_routes
+from ..limits.plan import Planner
 from .conditions import Condition, ConditionError, compile_condition
 from .spec import AgentSpec, RuleError, RuleSet, RuleSetInvalid, RuleSpec, UpstreamSpec
 
@@ -47,7 +48,8 @@ class AgentPolicy:
     spec: AgentSpec
     buckets: Mapping[tuple[str, str], Bucket]  # (upstream, verb) and (upstream, "*") for any other verb
     granted_upstreams: frozenset[str]  # upstreams with at least one allow or hold rule
-    rules: Mapping[str, Rule] = field(default_factory=dict)
+    rules: Mapping[str, Rule]
+    planner: Planner  # the agent's rate limits, budgets and loop detection, compiled
 
     def bucket(self, upstream: str, verb: str) -> Bucket:
         found = self.buckets.get((upstream, verb))
@@ -118,7 +120,7 @@ def _compile_agent(spec: AgentSpec, errors: list[RuleError]) -> AgentPolicy:
                 allow=tuple(r for r in chosen if r.spec.effect == "allow"),
             )
     granted = frozenset(r.spec.upstream for r in compiled.values() if r.spec.effect in ("allow", "hold"))
-    return AgentPolicy(spec, buckets, granted, compiled)
+    return AgentPolicy(spec, buckets, granted, compiled, Planner(spec))
 
 
 def compile_policy(ruleset: RuleSet, default_hold_timeout: float = DEFAULT_HOLD_TIMEOUT) -> Policy:

@@ -1,0 +1,252 @@
+"""The Redis store (many processes or replicas): each reserve and settle is one Lua script, so one atomic round trip.
+
+The scripts follow memory_store.py step for step and in the same floating-point order, so both backends agree
+exactly. Every key of a plan shares the agent's `{agent}` hash tag (plan.py), which keeps the scripts cluster-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
+from .store import (
+    BudgetCounter,
+    Plan,
+    RateCounter,
+    Refusal,
+    Reservation,
+    Settlement,
+    StoreUnavailable,
+    budget_cost,
+    rate_cost,
+)
+
+T = TypeVar("T")
+
+# Numbers cross into Lua as decimal strings and come back as strings too: Redis truncates a Lua number in a reply
+# to an integer, and `%.17g` round-trips a double exactly (budgets are whole nano-dollars, exact below 2^53).
+_LUA_HELPERS = """
+local function fmt(x) return string.format('%.17g', x) end
+local function ms(seconds) return math.max(1, math.ceil(seconds * 1000)) end
+"""
+
+# KEYS: budget keys (nb), rate keys (nr), marker.
+# ARGV: now, input, output, min_output ('' when clamping is off), marker_ttl, nb, nr,
+#       then per budget: limit, per_input, per_output, resets_at, ttl; then per rate: limit, period, per_call,
+#       per_input, per_output.
+# Reply: {'budget', index, retry_after} | {'rate', index, retry_after} | {'ok', output, used..., remaining...}.
+RESERVE = _LUA_HELPERS + """
+local now, input, output = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local min_output, marker_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local nb, nr = tonumber(ARGV[6]), tonumber(ARGV[7])
+local b0, r0 = 7, 7 + 5 * nb
+-- 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
+local used = {}
+for i = 1, nb do
+  local a = b0 + 5 * (i - 1)
+  local limit, per_input, per_output = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local refusal = {'budget', i, fmt(math.max(0, tonumber(ARGV[a + 4]) - now))}
+  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local room = limit - used[i] - per_input * input
+  if room < 0 then return refusal end
+  if per_output > 0 then
+    local affordable = math.floor(room / per_output)
+    if affordable < output then
+      if min_output ~= nil and affordable >= min_output then output = affordable else return refusal end
+    end
+  end
+end
+-- 2. Rate counters: GCRA, all checked before any is charged.
+local new_tats = {}
+for j = 1, nr do
+  local a = r0 + 5 * (j - 1)
+  local limit, period = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local cost = tonumber(ARGV[a + 3]) + tonumber(ARGV[a + 4]) * input + tonumber(ARGV[a + 5]) * output
+  local interval = period / limit
+  local stored = redis.call('GET', KEYS[nb + j])
+  local tat = now
+  if stored then tat = math.max(tonumber(stored), now) end
+  local new_tat = tat + cost * interval
+  if new_tat - now > period then return {'rate', j, fmt(new_tat - now - period)} end
+  new_tats[j] = new_tat
+end
+-- 3. Admitted: charge everything, then set the marker that lets settle apply once.
+local reply = {'ok', output}
+for i = 1, nb do
+  local a = b0 + 5 * (i - 1)
+  local total = used[i] + tonumber(ARGV[a + 2]) * input + tonumber(ARGV[a + 3]) * output
+  redis.call('SET', KEYS[i], fmt(total), 'PX', ms(tonumber(ARGV[a + 5])))
+  reply[#reply + 1] = fmt(total)
+end
+for j = 1, nr do
+  local a = r0 + 5 * (j - 1)
+  local limit, period = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local interval = period / limit
+  local new_tat = new_tats[j]
+  redis.call('SET', KEYS[nb + j], fmt(new_tat), 'PX', ms(new_tat + 1 - now))
+  reply[#reply + 1] = math.max(0, math.floor((period - (new_tat - now)) / interval + 1e-9))
+end
+redis.call('SET', KEYS[nb + nr + 1], '1', 'PX', ms(marker_ttl))
+return reply
+"""
+
+# KEYS: marker, budget keys (nb), alert keys (nb), rate keys (nr).
+# ARGV: now, nb, nr, then per budget: delta, limit, ttl, n, n thresholds; then per rate: delta, period, limit.
+# Reply: {applied (0|1), used..., then (budget index, threshold index) pairs of the alerts that fired}.
+SETTLE = _LUA_HELPERS + """
+local now, nb, nr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local reply = {0}
+if redis.call('DEL', KEYS[1]) == 0 then  -- already settled, or never reserved
+  for i = 1, nb do reply[#reply + 1] = fmt(tonumber(redis.call('GET', KEYS[1 + i]) or '0')) end
+  return reply
+end
+reply[1] = 1
+local alerts = {}
+local a = 3
+for i = 1, nb do
+  local delta, limit = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local ttl, n = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local total = tonumber(redis.call('GET', KEYS[1 + i]) or '0') + delta
+  redis.call('SET', KEYS[1 + i], fmt(total), 'PX', ms(ttl))
+  reply[#reply + 1] = fmt(total)
+  local fired = tonumber(redis.call('GET', KEYS[1 + nb + i]) or '0')  -- how many thresholds already fired
+  local crossed = {}
+  for t = 1, n do
+    if total >= tonumber(ARGV[a + 4 + t]) * limit then crossed[#crossed + 1] = t end
+  end
+  if #crossed > fired then
+    for k = fired + 1, #crossed do
+      alerts[#alerts + 1] = i - 1
+      alerts[#alerts + 1] = crossed[k] - 1
+    end
+    redis.call('SET', KEYS[1 + nb + i], #crossed, 'PX', ms(ttl))
+  end
+  a = a + 4 + n
+end
+for j = 1, nr do
+  local delta, period, limit = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local key = KEYS[1 + 2 * nb + j]
+  if delta ~= 0 then
+    local tat = redis.call('GET', key)
+    if tat then
+      local new_tat = tonumber(tat) + delta * period / limit
+      redis.call('SET', key, fmt(new_tat), 'PX', ms(math.max(new_tat, now) + 1 - now))
+    end
+  end
+  a = a + 3
+end
+for _, v in ipairs(alerts) do reply[#reply + 1] = v end
+return reply
+"""
+
+
+class RedisStore:
+    """The `Store` protocol on Redis: fail fast (no client retries) and translate every Redis error."""
+
+    def __init__(self, client: Redis, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._clock = clock
+        # Registered once: EVALSHA, falling back to SCRIPT LOAD only when the server does not know the script yet.
+        self._reserve = client.register_script(RESERVE)
+        self._settle = client.register_script(SETTLE)
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> RedisStore:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in ("redis+sentinel", "redis+cluster", "rediss+cluster", "rediss+sentinel"):
+            raise ValueError(f"store URL scheme {scheme!r} is not supported yet: use redis:// or rediss://")
+        if scheme not in ("redis", "rediss"):
+            raise ValueError(f"store URL scheme {scheme!r} is not a Redis URL: use redis:// or rediss:// "
+                             "(redis://host:6379/0)")
+        pool = ConnectionPool.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # No retries: reserve is not idempotent, and a store that is down must answer fast, not after back-off.
+            retry=Retry(NoBackoff(), 0),
+            # A connection idle this long is PINGed before reuse: if it died meanwhile, the call fails (and the
+            # connection is replaced) before the script is sent, never after it may have run.
+            health_check_interval=30,
+            decode_responses=True,
+            driver_info=None,  # no CLIENT SETINFO: one fewer round trip per new connection
+        )
+        return cls(Redis.from_pool(pool), timeout, clock)
+
+    async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one store operation under the timeout; redis-py drops a connection that failed or was cancelled."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await operation()
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis {what}: no answer within {self._timeout:g}s") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
+
+    # -- the protocol --------------------------------------------------------------------------------------------
+    async def reserve(self, plan: Plan) -> Reservation | Refusal:
+        keys = [b.key for b in plan.budgets] + [r.key for r in plan.rates] + [plan.marker]
+        args: list[str | int | float] = [plan.now, plan.input, plan.output,
+                                         "" if plan.min_output is None else plan.min_output, plan.marker_ttl,
+                                         len(plan.budgets), len(plan.rates)]
+        for b in plan.budgets:
+            args += [b.limit, b.per_input, b.per_output, b.resets_at, b.ttl]
+        for r in plan.rates:
+            args += [r.limit, r.period, r.per_call, r.per_input, r.per_output]
+        reply: list[Any] = await self._call("reserve", lambda: self._reserve(keys=keys, args=args))
+        if reply[0] == "budget":
+            return Refusal("budget_exceeded", plan.budgets[int(reply[1]) - 1].id, float(reply[2]))
+        if reply[0] == "rate":
+            rate = plan.rates[int(reply[1]) - 1]
+            return Refusal("rate_limited", rate.id, float(reply[2]), "loop_detected" if rate.kind == "loop" else None)
+        nb = len(plan.budgets)
+        used = tuple(_integer(v) for v in reply[2:2 + nb])
+        remaining = tuple(int(v) for v in reply[2 + nb:])
+        return Reservation(plan, int(reply[1]), used, remaining)
+
+    async def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> Settlement:
+        plan = reservation.plan
+        keys = [plan.marker, *(b.key for b in plan.budgets), *(b.alert_key for b in plan.budgets),
+                *(r.key for r in plan.rates)]
+        args: list[str | int | float] = [self._clock(), len(plan.budgets), len(plan.rates)]
+        for b in plan.budgets:
+            delta = budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
+            args += [delta, b.limit, b.ttl, len(b.alert_at), *b.alert_at]
+        for r in plan.rates:
+            delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
+            args += [delta, r.period, r.limit]
+        reply: list[Any] = await self._call("settle", lambda: self._settle(keys=keys, args=args))
+        nb = len(plan.budgets)
+        used = tuple(_integer(v) for v in reply[1:1 + nb])
+        pairs = reply[1 + nb:]
+        alerts = tuple((int(i), plan.budgets[int(i)].alert_at[int(t)]) for i, t in zip(pairs[::2], pairs[1::2],
+                                                                                        strict=True))
+        return Settlement(used, alerts, applied=bool(int(reply[0])))
+
+    async def peek(self, rates: tuple[RateCounter, ...], budgets: tuple[BudgetCounter, ...],
+                   now: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        keys = [r.key for r in rates] + [b.key for b in budgets]
+        if not keys:
+            return (), ()
+        values: list[Any] = await self._call("peek", lambda: self._client.mget(keys))
+        tats, totals = values[:len(rates)], values[len(rates):]
+        remaining = tuple(_remaining(r, max(float(t) if t else now, now), now)
+                          for r, t in zip(rates, tats, strict=True))
+        return remaining, tuple(_integer(v) if v else 0 for v in totals)
+
+    async def close(self) -> None:
+        await self._client.aclose()  # the client owns its pool (from_pool), so this disconnects it too
+
+
+def _integer(value: str | int) -> int:
+    """A budget total as the scripts write it (`%.17g` of a whole number)."""
+    return int(float(value)) if isinstance(value, str) else value

@@ -1,0 +1,212 @@
+"""The benchmark: gateway configurations against a bare aiohttp passthrough, measured in the same run.
+
+    python loadtests/bench.py [--duration 10] [--connections 16] [--configs a,b,...] [--json FILE]
+
+Starts a fast fake upstream, then each configuration in turn on CPU 0 while `wrk` drives load from CPU 1,
+and prints one table: requests/s, p50, p99, peak RSS, and each configuration's requests/s as a ratio to
+the passthrough and to the gateway with no limits. Needs `wrk` (Debian: apt-get install wrk) and, for the
+Redis configuration, `redis-server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SECRET = "bench-secret-0123456789abcdef0123456789"
+CONFIGS = ("passthrough", "gateway-allow", "gateway-no-limits", "gateway-limits-memory", "gateway-limits-redis",
+           "gateway-stream")
+
+UPSTREAMS = """upstreams:
+  openai:
+    kind: openai
+    url: "${OPENAI_BASE_URL}"
+    credential: {header: Authorization, value: "Bearer upstream-key"}
+    prices: {gpt-4o-mini: {input_per_mtok: 0.15, output_per_mtok: 0.60}}
+"""
+ALLOW_ONLY = """agent: bench-bot
+allow:
+  - {upstream: openai, verbs: [chat]}
+loop_detection: false
+"""
+FULL_POLICY = """agent: bench-bot
+allow:
+  - {upstream: openai, verbs: [chat], when: 'request.json.model in ["gpt-4o-mini"] && request.json.max_tokens <= 4096'}
+deny:
+  - {upstream: openai, verbs: [embed]}
+"""
+LIMITS = """budgets:
+  - {tokens: 1000000000000, per: day}
+  - {usd: 1000000, per: month}
+rate_limits:
+  - {upstream: openai, requests: 1000000000, per: minute}
+  - {upstream: openai, tokens: 1000000000000, per: minute}
+loop_detection: {max_repeats: 20, per: minute}
+"""
+
+
+@dataclass
+class Result:
+    config: str
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    peak_rss_mb: float
+    vs_passthrough: float | None = None
+    vs_no_limits: float | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else argv
+
+
+def wait_port(port: int, limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)  # polling a port that is not open yet
+    raise RuntimeError(f"nothing listens on port {port} after {limit}s")
+
+
+@contextlib.contextmanager
+def process(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_wrk(url: str, duration: int, connections: int, token: str, stream: bool) -> tuple[float, float, float, int]:
+    env = {**os.environ, "TOKEN": token, "STREAM": "1" if stream else "0"}
+    argv = pinned(1, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s",
+                      str(HERE / "chat.lua"), url])
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def latency(pct: str) -> float:
+        value, unit = re.search(rf"{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    errors = 0
+    if match := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(match.group(1))
+    if match := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(g) for g in match.groups())
+    return rps, latency("50"), latency("99"), errors
+
+
+def write_rules(directory: Path, agent: str) -> None:
+    (directory / "agents").mkdir(parents=True, exist_ok=True)
+    (directory / "upstreams.yaml").write_text(UPSTREAMS)
+    (directory / "agents" / "bench-bot.yaml").write_text(agent)
+
+
+def token_for(env: dict[str, str]) -> str:
+    return subprocess.run([sys.executable, "-m", "gateway", "token", "--agent", "bench-bot"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path, redis_url: str | None) -> Result:
+    port = free_port()
+    env = {**os.environ, "AGENT_GATEWAY_JWT_SECRET": SECRET, "OPENAI_BASE_URL": upstream_url}
+    if config == "passthrough":
+        argv = pinned(0, [sys.executable, str(HERE / "passthrough.py"), str(port), upstream_url])
+        token = ""
+    else:
+        rules = work / config
+        agent = {"gateway-allow": ALLOW_ONLY, "gateway-no-limits": FULL_POLICY + "loop_detection: false\n"}.get(
+            config, FULL_POLICY + LIMITS)
+        write_rules(rules, agent)
+        argv = pinned(0, [sys.executable, "-m", "gateway", "serve", "--rules", str(rules), "--port", str(port),
+                          "--admin-port", str(free_port()), "--trace", str(work / f"{config}.trace.jsonl")])
+        if config == "gateway-limits-redis":
+            assert redis_url is not None
+            argv += ["--redis-url", redis_url]
+        token = token_for(env)
+    with process(argv, port, env) as proc:
+        url = f"http://127.0.0.1:{port}/openai/chat/completions"
+        run_wrk(url, 2, args.connections, token, config == "gateway-stream")  # warm-up, not measured
+        rps, p50, p99, errors = run_wrk(url, args.duration, args.connections, token, config == "gateway-stream")
+        rss = peak_rss_mb(proc.pid)
+    return Result(config, round(rps, 1), p50, p99, errors, round(rss, 1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per configuration")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("bench: needs wrk (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
+    configs = [c for c in args.configs.split(",") if c]
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        upstream_port = free_port()
+        upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+        redis_port = free_port()
+        redis_cm = (process(pinned(0, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no"]), redis_port)
+                    if "gateway-limits-redis" in configs else contextlib.nullcontext())
+        with process(pinned(0, [sys.executable, str(HERE / "upstream.py"), str(upstream_port)]), upstream_port), \
+                redis_cm:
+            for config in configs:
+                results.append(measure(config, upstream_url, args, work, f"redis://127.0.0.1:{redis_port}/0"))
+                print(f"  measured {config}: {results[-1].requests_per_s:.0f} req/s", file=sys.stderr)
+    base = next((r.requests_per_s for r in results if r.config == "passthrough"), None)
+    no_limits = next((r.requests_per_s for r in results if r.config == "gateway-no-limits"), None)
+    for r in results:
+        r.vs_passthrough = round(r.requests_per_s / base, 3) if base else None
+        r.vs_no_limits = round(r.requests_per_s / no_limits, 3) if no_limits and r.config != "passthrough" else None
+    print(f"\n{'configuration':<24}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MB':>8}"
+          f"{'x pass':>8}{'x no-lim':>9}")
+    for r in results:
+        print(f"{r.config:<24}{r.requests_per_s:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
+              f"{r.peak_rss_mb:>8.1f}{r.vs_passthrough or 0:>8.2f}{r.vs_no_limits or 0:>9.2f}")
+    print(f"\n{args.connections} connections, {args.duration}s per configuration, server on CPU 0, wrk on CPU 1")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"connections": args.connections, "duration_s": args.duration,
+                                               "results": [asdict(r) for r in results]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
