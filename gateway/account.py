@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,11 @@ def cost_usd(prices: Mapping[str, PriceSpec], model: str | None, usage: Usage) -
     return round((usage.input * price.input_per_mtok + usage.output * price.output_per_mtok) / 1e6, 8)
 
 
+# An SSE event ends at a blank line, and SSE lines may end in CRLF, LF or CR (sse-starlette, behind many
+# OpenAI-compatible servers, sends CRLF).
+_EVENT_END = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
+
+
 class UsageChunkFilter:
     """Drops the usage-only SSE event (`choices: []` with `usage`) from an OpenAI stream: the gateway asked
     for it to settle budgets, and passes it on only if the agent asked for it itself. Events are passed on
@@ -104,14 +110,12 @@ class UsageChunkFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         self._buffer += chunk
-        end = self._buffer.rfind(b"\n\n")
-        if end < 0:
+        parts = _EVENT_END.split(self._buffer)  # event, separator, event, separator, ..., the incomplete rest
+        if len(parts) == 1:
             return b""
-        complete, self._buffer = bytes(self._buffer[: end + 2]), self._buffer[end + 2 :]
-        if b'"usage"' not in complete:
-            return complete
-        kept = [event for event in complete.split(b"\n\n") if not _usage_only(event)]
-        return b"\n\n".join(kept)
+        self._buffer = bytearray(parts[-1])
+        events = zip(parts[0:-1:2], parts[1::2], strict=True)
+        return b"".join(event + end for event, end in events if b'"usage"' not in event or not _usage_only(event))
 
     def flush(self) -> bytes:
         rest, self._buffer = bytes(self._buffer), bytearray()
@@ -119,7 +123,7 @@ class UsageChunkFilter:
 
 
 def _usage_only(event: bytes) -> bool:
-    for line in event.split(b"\n"):
+    for line in event.splitlines():
         if line.startswith(b"data:") and b'"usage"' in line:
             try:
                 data = orjson.loads(line[5:])
