@@ -99,8 +99,8 @@ class Settler:
                      event: TraceEvent) -> None:
         try:
             settlement = await self.store.settle(reservation, input_tokens, output_tokens)
-        except StoreUnavailable:
-            _note(event, "limits store unavailable at settlement: queued, retried until it applies")
+        except StoreUnavailable as exc:
+            _note(event, f"limits store unavailable at settlement ({exc}): queued, retried until it applies")
             self._pending.append((reservation, input_tokens, output_tokens))
             if self._worker is None or self._worker.done():
                 self._worker = asyncio.get_running_loop().create_task(self._retry())
@@ -137,6 +137,11 @@ class Settler:
         task = asyncio.get_running_loop().create_task(self.settle(reservation, input_tokens, output_tokens, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def wait_idle(self) -> None:
+        """Until the background retries have nothing left (or stopped)."""
+        if self._worker is not None:
+            await asyncio.shield(self._worker)
 
     @property
     def pending(self) -> int:

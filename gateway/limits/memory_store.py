@@ -54,6 +54,11 @@ class MemoryStore:
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
         now = plan.now
         self._sweep(now)
+        granted = self._get(plan.marker, now)
+        if granted is not None:  # this reservation already ran: report it again, charge nothing
+            remaining = tuple(_remaining(r, max(self._get(r.key, now) or now, now), now) for r in plan.rates)
+            return Reservation(plan, int(granted), tuple(int(self._get(b.key, now) or 0) for b in plan.budgets),
+                               remaining)
         output = plan.output
         # 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
         used_before = [int(self._get(b.key, now) or 0) for b in plan.budgets]
@@ -89,8 +94,8 @@ class MemoryStore:
         for rate, new_tat in zip(plan.rates, new_tats, strict=True):
             self._set(rate.key, new_tat, new_tat + 1)
             remaining.append(_remaining(rate, new_tat, now))
-        if plan.marker:
-            self._set(plan.marker, 1, now + plan.marker_ttl)
+        if plan.settles:  # nothing here is ever retried, so only settlement needs the marker
+            self._set(plan.marker, output, now + plan.marker_ttl)
         return Reservation(plan, output, tuple(used_after), tuple(remaining))
 
     async def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> Settlement:

@@ -21,6 +21,7 @@ from .windows import PERIOD_SECONDS, calendar_window
 
 KEY_PREFIX = "agw"
 MARKER_TTL = 2 * 86400  # longer than any hold plus any stream
+RETRY_MARKER_TTL = 10  # a reservation that never settles keeps its marker only to make a retried reserve safe
 LLM_KINDS = frozenset({"openai", "anthropic"})
 TOKEN_VERBS = frozenset({"chat", "embed"})
 LOOP_ID = "loop_detection"
@@ -136,10 +137,10 @@ class Planner:
             return Planned(None, tuple(notes))
         settles = bool(budgets) or any(c.per_input or c.per_output for c in counters)
         clamp = any(spec.clamp_max_tokens for spec, _ in budgets)
-        plan = Plan(agent=self.agent.id, marker=f"{self.tag}:res:{self._id_prefix}{next(self._ids)}" if settles else "",
-                    marker_ttl=MARKER_TTL, rates=tuple(counters), budgets=tuple(c for _, c in budgets),
-                    input=action.input_tokens if uses_tokens else 0, output=output,
-                    min_output=1 if clamp and output > 0 else None, now=now)
+        plan = Plan(agent=self.agent.id, marker=f"{self.tag}:res:{self._id_prefix}{next(self._ids)}",
+                    marker_ttl=MARKER_TTL if settles else RETRY_MARKER_TTL, rates=tuple(counters),
+                    budgets=tuple(c for _, c in budgets), input=action.input_tokens if uses_tokens else 0,
+                    output=output, min_output=1 if clamp and output > 0 else None, now=now, settles=settles)
         return Planned(plan, tuple(notes))
 
     @staticmethod

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
@@ -44,11 +45,26 @@ local function ms(seconds) return math.max(1, math.ceil(seconds * 1000)) end
 #       then per budget: limit, per_input, per_output, resets_at, ttl; then per rate: limit, period, per_call,
 #       per_input, per_output.
 # Reply: {'budget', index, retry_after} | {'rate', index, retry_after} | {'ok', output, used..., remaining...}.
+# The marker's value is the granted output, so a retried reserve can report it again.
 RESERVE = _LUA_HELPERS + """
 local now, input, output = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local min_output, marker_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local nb, nr = tonumber(ARGV[6]), tonumber(ARGV[7])
 local b0, r0 = 7, 7 + 5 * nb
+local marker = KEYS[nb + nr + 1]
+-- 0. Already reserved? Then this is a retry whose first reply was lost: report it again, charge nothing.
+local granted = redis.call('GET', marker)
+if granted then
+  local reply = {'ok', tonumber(granted)}
+  for i = 1, nb do reply[#reply + 1] = fmt(tonumber(redis.call('GET', KEYS[i]) or '0')) end
+  for j = 1, nr do
+    local a = r0 + 5 * (j - 1)
+    local limit, period = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local tat = math.max(tonumber(redis.call('GET', KEYS[nb + j]) or now), now)
+    reply[#reply + 1] = math.max(0, math.floor((period - (tat - now)) / (period / limit) + 1e-9))
+  end
+  return reply
+end
 -- 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
 local used = {}
 for i = 1, nb do
@@ -95,7 +111,7 @@ for j = 1, nr do
   redis.call('SET', KEYS[nb + j], fmt(new_tat), 'PX', ms(new_tat + 1 - now))
   reply[#reply + 1] = math.max(0, math.floor((period - (new_tat - now)) / interval + 1e-9))
 end
-redis.call('SET', KEYS[nb + nr + 1], '1', 'PX', ms(marker_ttl))
+redis.call('SET', marker, output, 'PX', ms(marker_ttl))
 return reply
 """
 
@@ -172,8 +188,11 @@ class RedisStore:
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            # No retries: reserve is not idempotent, and a store that is down must answer fast, not after back-off.
-            retry=Retry(NoBackoff(), 0),
+            # One immediate retry on a connection error (a pooled connection to a Redis that restarted), on a
+            # fresh connection: safe, because a reserve that already ran finds its marker and charges nothing,
+            # and a settle applies only while the marker exists. Timeouts are not retried: a store that is
+            # down must answer fast.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             # A connection idle this long is PINGed before reuse: if it died meanwhile, the call fails (and the
             # connection is replaced) before the script is sent, never after it may have run.
             health_check_interval=30,

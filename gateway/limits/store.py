@@ -60,20 +60,18 @@ class Plan:
     """Everything one call must reserve, decided before any store I/O."""
 
     agent: str
-    # Reservation key: settle applies only while it exists, so at most once. Empty when nothing could
-    # change at settlement (no budget, no token-priced rate), and then there is no settlement at all.
+    # Reservation key. A reserve that finds it set has already run (a retried call whose reply was lost) and
+    # charges nothing; settle applies only while it exists, so at most once.
     marker: str
-    marker_ttl: int  # seconds: longer than any call can take
+    marker_ttl: int  # seconds: longer than any call can take when it settles, else just long enough for a retry
     rates: tuple[RateCounter, ...]
     budgets: tuple[BudgetCounter, ...]
     input: int  # estimated input tokens
     output: int  # output tokens to reserve (the request's max, or a default cap)
     min_output: int | None  # set when clamping is on: output may be lowered, but not below this
     now: float
-
-    @property
-    def settles(self) -> bool:
-        return bool(self.marker)
+    # Whether settlement can change anything (a budget or a token-priced rate); if not, there is none.
+    settles: bool = True
 
 
 def rate_cost(counter: RateCounter, input_tokens: int, output_tokens: int) -> int:

@@ -442,3 +442,18 @@ async def test_both_stores_agree_exactly_on_a_random_workload(redis_url: str) ->
                 assert await redis_store.peek(rates, budgets, clock.now) == expected_peek
     finally:
         await redis_store.close()
+
+
+# -- retried reserves ----------------------------------------------------------------------------------------------
+async def test_reserve_of_the_same_plan_twice_charges_once(backend: Backend) -> None:
+    """A reserve retried after its reply was lost finds its marker: same grant, nothing charged again."""
+    daily, rpm = budget(limit=1000), rate(limit=5, period=10.0, per_call=1)
+    once = plan(rates=(rpm,), budgets=(daily,), input=10, output=90)
+    first = await backend.store.reserve(once)
+    again = await backend.store.reserve(once)
+    assert isinstance(first, Reservation) and isinstance(again, Reservation)
+    assert (first.output, first.used, first.remaining) == (90, (100,), (4,))
+    assert (again.output, again.used, again.remaining) == (90, (100,), (4,))
+    assert await backend.store.peek((rpm,), (daily,), NOW) == ((4,), (100,))
+    settled = await backend.store.settle(first, 10, 20)
+    assert (settled.applied, settled.used) == (True, (30,))
