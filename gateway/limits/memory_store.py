@@ -56,9 +56,9 @@ class MemoryStore:
         self._sweep(now)
         granted = self._get(plan.marker, now)
         if granted is not None:  # this reservation already ran: report it again, charge nothing
-            remaining = tuple(_remaining(r, max(self._get(r.key, now) or now, now), now) for r in plan.rates)
+            left = tuple(_remaining(r, max(self._get(r.key, now) or now, now), now) for r in plan.rates)
             return Reservation(plan, int(granted), tuple(int(self._get(b.key, now) or 0) for b in plan.budgets),
-                               remaining)
+                               left)
         output = plan.output
         # 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
         used_before = [int(self._get(b.key, now) or 0) for b in plan.budgets]
