@@ -26,7 +26,7 @@ from .models import Action, Agent, Decision
 from .paths import normalise, split_upstream
 from .policy.compile import AgentPolicy, Policy
 from .policy.decide import decide_each
-from .relay import relay
+from .relay import SETTLING, relay
 from .responses import error_response
 from .runtime import RUNTIME, Runtime
 from .trace.event import TraceEvent, new_span_id, new_trace_id
@@ -109,7 +109,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         event.latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        rt.sink.emit(event)
+        settling = request.get(SETTLING)
+        if settling is not None and not settling.done():  # the event carries the settlement it follows
+            settling.add_done_callback(lambda _: rt.sink.emit(event))
+        else:
+            rt.sink.emit(event)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:

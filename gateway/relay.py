@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -26,6 +27,9 @@ from .policy.spec import UpstreamSpec
 from .runtime import Runtime
 from .toolfilter import filter_tools
 from .trace.event import TraceEvent
+
+# The settlement of a call still running when its handler ends (its agent hung up after the answer).
+SETTLING: web.RequestKey[asyncio.Task[None]] = web.RequestKey("settling", asyncio.Task)
 
 
 async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: AgentPolicy, classified: Classified,
@@ -84,7 +88,12 @@ async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: Ag
             raise
         usage = _account(event, spec, meter)
         if reservation is not None and reservation.plan.settles:
-            await rt.settler.settle(reservation, *charge(reservation, usage, event, missing), event)
+            settling = rt.settler.settle_soon(reservation, *charge(reservation, usage, event, missing), event)
+            request[SETTLING] = settling  # the trace event is written once this is done
+            # The agent has its whole answer; if it hangs up now, the settlement goes on without it and the
+            # call stays the success it was.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(settling)
         return response
 
 

@@ -58,14 +58,16 @@ async def reserve(store: Store, planner: Planner, action: Action, upstream: Upst
         _note(event, note)
     if planned.plan is None:
         return None
+    plan = planned.plan
     try:
-        result = await store.reserve(planned.plan)
-    except StoreUnavailable as exc:
-        plan = planned.plan
+        result = await store.reserve(plan)
+    except (StoreUnavailable, asyncio.CancelledError) as exc:
         if settler is not None and plan.settles and plan.min_output is None:
-            # A reserve that timed out may still run once the store answers: queue its release, which applies
-            # only if the reservation marker exists (a no-op when the reserve never ran).
+            # A reserve that timed out, or whose caller hung up, may still run in the store: queue its release,
+            # which applies only if the reservation marker exists (a no-op when the reserve never ran).
             settler.release_later(Reservation(plan, plan.output, (), ()))
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         if upstream.on_store_error == "allow":
             _note(event, f"limits store unavailable ({exc}); admitted unmetered: upstream {upstream.name!r} "
                          "sets on_store_error: allow")
@@ -73,10 +75,10 @@ async def reserve(store: Store, planner: Planner, action: Action, upstream: Upst
         raise GatewayError("store_unavailable", "the limits store is unreachable, so the gateway fails closed; "
                                                 "retry shortly") from exc
     if isinstance(result, Refusal):
-        raise refusal_error(result, {b.id: b.resets_at for b in planned.plan.budgets})
+        raise refusal_error(result, {b.id: b.resets_at for b in plan.budgets})
     _record(event, result, result.used)
-    if result.output < planned.plan.output:
-        _note(event, f"max_tokens clamped from {planned.plan.output} to {result.output} by the budget")
+    if result.output < plan.output:
+        _note(event, f"max_tokens clamped from {plan.output} to {result.output} by the budget")
     return result
 
 
@@ -132,14 +134,17 @@ class Settler:
             self._worker = asyncio.get_running_loop().create_task(self._retry())
 
     def settle_soon(self, reservation: Reservation, input_tokens: int, output_tokens: int,
-                    event: TraceEvent) -> None:
-        """Settle from a task of its own (the caller is being cancelled and cannot wait)."""
+                    event: TraceEvent) -> asyncio.Task[None]:
+        """Settle from a task of its own, which a cancelled caller cannot interrupt."""
         task = asyncio.get_running_loop().create_task(self.settle(reservation, input_tokens, output_tokens, event))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def wait_idle(self) -> None:
-        """Until the background retries have nothing left (or stopped)."""
+        """Until running settlements and background retries have nothing left (or stopped)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._worker is not None:
             await asyncio.shield(self._worker)
 

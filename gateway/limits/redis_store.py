@@ -7,6 +7,7 @@ exactly. Every key of a plan shares the agent's `{agent}` hash tag (plan.py), wh
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
 from .store import (
@@ -32,6 +33,7 @@ from .store import (
 )
 
 T = TypeVar("T")
+_Queued = tuple[str, list[str], list[str | int | float], "asyncio.Future[Any]"]  # script, keys, args, reply
 
 # Numbers cross into Lua as decimal strings and come back as strings too: Redis truncates a Lua number in a reply
 # to an integer, and `%.17g` round-trips a double exactly (budgets are whole nano-dollars, exact below 2^53).
@@ -166,15 +168,21 @@ return reply
 
 
 class RedisStore:
-    """The `Store` protocol on Redis: fail fast (no client retries) and translate every Redis error."""
+    """The `Store` protocol on Redis, translating every Redis error into `StoreUnavailable`.
+
+    Calls made in the same event-loop iteration are sent together as one pipeline (one write, one round trip),
+    each caller still awaiting its own reply: under load the per-call cost of the client shrinks, and the
+    semantics do not change, because every script is atomic on its own.
+    """
 
     def __init__(self, client: Redis, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._timeout = timeout
         self._clock = clock
-        # Registered once: EVALSHA, falling back to SCRIPT LOAD only when the server does not know the script yet.
-        self._reserve = client.register_script(RESERVE)
-        self._settle = client.register_script(SETTLE)
+        self._scripts = {"reserve": RESERVE, "settle": SETTLE}
+        self._shas = {name: hashlib.sha1(body.encode()).hexdigest() for name, body in self._scripts.items()}
+        self._batch: list[_Queued] = []
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> RedisStore:
@@ -211,6 +219,50 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
 
+    async def _script(self, name: str, keys: list[str], args: list[str | int | float]) -> Any:
+        """Queue one script call for this loop iteration's pipeline and wait for its own reply."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._batch.append((name, keys, args, future))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        return await self._call(name, lambda: asyncio.shield(future))
+
+    def _start_flush(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[_Queued]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._send(batch)
+                missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if missing:  # a Redis that restarted (or was flushed) forgot the scripts: load them, send again
+                    for name in {batch[i][0] for i in missing}:
+                        await self._client.script_load(self._scripts[name])
+                    for i, reply in zip(missing, await self._send([batch[i] for i in missing]), strict=True):
+                        replies[i] = reply
+        except (TimeoutError, RedisError, OSError) as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+    async def _send(self, batch: list[_Queued]) -> list[Any]:
+        # Plain EVALSHA: redis-py's script-aware pipeline would add a SCRIPT EXISTS round trip to every send.
+        pipe = self._client.pipeline(transaction=False)
+        for name, keys, args, _ in batch:
+            pipe.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
     # -- the protocol --------------------------------------------------------------------------------------------
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
         keys = [b.key for b in plan.budgets] + [r.key for r in plan.rates] + [plan.marker]
@@ -221,7 +273,7 @@ class RedisStore:
             args += [b.limit, b.per_input, b.per_output, b.resets_at, b.ttl]
         for r in plan.rates:
             args += [r.limit, r.period, r.per_call, r.per_input, r.per_output]
-        reply: list[Any] = await self._call("reserve", lambda: self._reserve(keys=keys, args=args))
+        reply: list[Any] = await self._script("reserve", keys, args)
         if reply[0] == "budget":
             return Refusal("budget_exceeded", plan.budgets[int(reply[1]) - 1].id, float(reply[2]))
         if reply[0] == "rate":
@@ -243,7 +295,7 @@ class RedisStore:
         for r in plan.rates:
             delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
             args += [delta, r.period, r.limit]
-        reply: list[Any] = await self._call("settle", lambda: self._settle(keys=keys, args=args))
+        reply: list[Any] = await self._script("settle", keys, args)
         nb = len(plan.budgets)
         used = tuple(_integer(v) for v in reply[1:1 + nb])
         pairs = reply[1 + nb:]
@@ -263,6 +315,8 @@ class RedisStore:
         return remaining, tuple(_integer(v) if v else 0 for v in totals)
 
     async def close(self) -> None:
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         await self._client.aclose()  # the client owns its pool (from_pool), so this disconnects it too
 
 

@@ -169,3 +169,24 @@ async def test_settlement_missed_during_outage_applies_once_when_redis_returns(o
     assert await used_tokens(outage) == USAGE["prompt_tokens"] + USAGE["completion_tokens"]
     # A second settlement of the same reservation can never apply: the marker is gone.
     assert await used_tokens(outage) == 10
+
+
+async def test_agent_hanging_up_after_its_answer_is_still_settled(outage: Outage) -> None:
+    """Closing the connection the moment the answer is complete must not cancel the settlement."""
+    body = orjson.dumps({"model": "gpt-4o-mini", "max_tokens": 20, "messages": MESSAGES})
+    reader, writer = await asyncio.open_connection("127.0.0.1", outage.gateway.agents_port)
+    writer.write(b"POST /strict/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {issue_token('bot', SECRET)}\r\n".encode()
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+    writer.close()  # hang up at once
+    await writer.wait_closed()
+    event = await outage.trace.wait_for(lambda e: e.get("upstream") == "strict")
+    assert (event["status"], event.get("error")) == (200, None)
+    assert event["budget"]["used"] == USAGE["prompt_tokens"] + USAGE["completion_tokens"]
+    assert await used_tokens(outage) == 10
