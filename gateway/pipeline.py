@@ -20,15 +20,16 @@ from aiohttp import web
 
 from .classify import Classified, classify
 from .errors import GatewayError, bad_request
+from .hold import hold
 from .incoming import Incoming
 from .limits.enforce import charge, reserve
-from .models import Action, Agent, Decision
+from .models import Action, Decision
 from .paths import normalise, split_upstream
 from .policy.compile import AgentPolicy, Policy
 from .policy.decide import decide_each
 from .relay import SETTLING, relay
 from .responses import error_response
-from .runtime import RUNTIME, Runtime
+from .runtime import RUNTIME
 from .trace.event import TraceEvent, new_span_id, new_trace_id
 from .tracecontext import parse_traceparent
 
@@ -81,7 +82,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         stage = "hold"
         try:
             if decision.outcome == "hold":
-                await hold(rt, agent, action, decision, incoming, event, call)
+                await hold(rt, agent, action, decision, incoming, event, call, path)
             stage = "forward"
             return await relay(request, rt, upstream, agent_policy, classified, action, incoming, query, event,
                                flags, reservation)
@@ -156,33 +157,3 @@ def fingerprint(agent: str, upstream: str, incoming: Incoming) -> str:
         digest.update(b"\0")
     digest.update(hashlib.sha256(incoming.body).digest())
     return digest.hexdigest()
-
-
-async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, incoming: Incoming,
-               event: TraceEvent, request_fingerprint: str) -> None:
-    """Park the call until a human decides or the rule's timeout passes; raise unless approved."""
-    earlier = rt.approvals.reuse(request_fingerprint)
-    if earlier is not None:  # approved after the agent had hung up: this identical retry passes, once
-        event.approval = {"id": earlier.id, "by": earlier.decided_by, "outcome": "approved", "waited_ms": 0.0,
-                          "retry_of_abandoned": True}
-        return
-    approval = rt.approvals.open(
-        agent=agent.id, upstream=action.upstream, verb=action.verb, resource=action.resource, tool=action.tool,
-        rule=decision.rule, reason=decision.reason, fingerprint=request_fingerprint,
-        evidence=dict(decision.evidence), timeout=decision.timeout or rt.settings.hold_timeout)
-    event.approval = {"id": approval.id, "outcome": "pending"}
-    waited = time.perf_counter()
-    try:
-        status = await rt.approvals.wait(approval)
-    finally:
-        event.approval = {"id": approval.id, "by": approval.decided_by, "outcome": approval.status,
-                          "waited_ms": round((time.perf_counter() - waited) * 1000, 3)}
-        if approval.decision_reason:
-            event.approval["reason"] = approval.decision_reason
-    if status == "approved":
-        return
-    if status == "denied":
-        why = f": {approval.decision_reason}" if approval.decision_reason else ""
-        raise GatewayError("approval_denied", f"a human denied this call{why}", rule=decision.rule)
-    raise GatewayError("approval_timeout", f"nobody approved this call within {decision.timeout:g}s",
-                       rule=decision.rule)

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .admin.app import admin_app
-from .approvals import Approvals
+from .approvals.backends import open_approvals
 from .identity import Authenticator
 from .keys import JwtSettings, KeySource
 from .limits.alerts import Alerts
@@ -63,7 +63,7 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
         for index, threshold in settlement.alerts:
             alerts.fire(reservation.plan.agent, reservation.plan.budgets[index], threshold, settlement.used[index])
 
-    runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=Approvals(),
+    runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=open_approvals(settings),
                       session=session, sink=sink, store=store, settler=Settler(store, sink, on_settled),
                       alerts=alerts)
     runtime_ref.append(runtime)
@@ -106,6 +106,7 @@ class RunningGateway:
         self.runtime.ready = False
         await self.agents.cleanup()
         await self.admin.cleanup()
+        await self.runtime.approvals.close()
         await self.runtime.settler.close()
         await self.runtime.alerts.close()
         await self.runtime.store.close()

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..approvals import CATEGORIES, ApprovalConflict
 from ..limits.store import StoreUnavailable
+from ..policy.load import parse_duration
 from ..runtime import RUNTIME
 from .auth import admin_auth, admin_error, require_role
 
@@ -31,9 +32,27 @@ async def readyz(request: web.Request) -> web.Response:
 async def list_approvals(request: web.Request) -> web.Response:
     require_role(request, "admin", "approver")
     rt = request.app[RUNTIME]
-    status = request.query.get("status")
-    agent = request.query.get("agent")
-    return _json({"approvals": [a.public() for a in rt.approvals.list(status=status, agent=agent)]})
+    try:
+        limit = min(max(int(request.query.get("limit", "200")), 1), 1000)
+    except ValueError:
+        return admin_error(400, "bad_request", "'limit' must be a whole number")
+    try:
+        approvals = await rt.approvals.list(request.query.get("status"), request.query.get("agent"), limit)
+    except StoreUnavailable:
+        return admin_error(503, "store_unavailable", "the approvals store is unreachable")
+    return _json({"approvals": [a.public() for a in approvals]})
+
+
+async def get_approval(request: web.Request) -> web.Response:
+    require_role(request, "admin", "approver")
+    approval_id = request.match_info["id"]
+    try:
+        approval = await request.app[RUNTIME].approvals.get(approval_id)
+    except StoreUnavailable:
+        return admin_error(503, "store_unavailable", "the approvals store is unreachable")
+    if approval is None:
+        return admin_error(404, "not_found", f"no approval {approval_id!r}")
+    return _json(approval.public())
 
 
 async def _decide(request: web.Request, approve: bool) -> web.Response:
@@ -49,18 +68,29 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
         return admin_error(400, "bad_request", "body must be a JSON object")
     reason = body.get("reason")
     category = body.get("category")
+    remember = body.get("remember")
     if reason is not None and not isinstance(reason, str):
         return admin_error(400, "bad_request", "'reason' must be a string")
     if category is not None and category not in CATEGORIES:
         return admin_error(400, "bad_request", f"'category' must be one of {', '.join(CATEGORIES)}")
+    remember_for = None
+    if remember is not None:
+        try:
+            remember_for = parse_duration(remember)
+        except ValueError:
+            return admin_error(400, "bad_request", "'remember' must be a duration such as 30m or 8h")
+        if not approve:
+            return admin_error(400, "bad_request", "'remember' applies to approvals only")
     approval_id = request.match_info["id"]
     try:
         # The approver is who the credential says, never the body's `by` (which is ignored).
-        approval = rt.approvals.decide(approval_id, approve, admin.name, reason, category)
+        approval = await rt.approvals.decide(approval_id, approve, admin.name, reason, category, remember_for)
     except KeyError:
         return admin_error(404, "not_found", f"no approval {approval_id!r}")
     except ApprovalConflict as exc:
         return admin_error(409, "conflict", str(exc))
+    except StoreUnavailable:
+        return admin_error(503, "store_unavailable", "the approvals store is unreachable; nothing was decided")
     return _json(approval.public())
 
 
@@ -100,6 +130,7 @@ def admin_app() -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/approvals", list_approvals)
+    app.router.add_get("/approvals/{id}", get_approval)
     app.router.add_post("/approvals/{id}/approve", approve)
     app.router.add_post("/approvals/{id}/deny", deny)
     app.router.add_get("/agents/{id}/usage", agent_usage)

@@ -57,12 +57,12 @@ async def test_trace_file_never_contains_a_credential(tmp_path: Path) -> None:
                     await resp.read()
             # A held call, decided through the admin API with the admin token.
             opened = asyncio.Event()
-            gateway.runtime.approvals.on_open.append(lambda _: opened.set())
+            gateway.runtime.on_approval_opened.append(lambda _: opened.set())
             held = asyncio.create_task(http.post(gateway.url + "/erp/payments", json={"amount": 20000},
                                                  headers={"Authorization": f"Bearer {invoice}"}))
             async with asyncio.timeout(10):
                 await opened.wait()
-            [approval] = gateway.runtime.approvals.list(status="pending")
+            [approval] = await gateway.runtime.approvals.list("pending", None, 10)
             async with http.post(f"{gateway.admin_url}/approvals/{approval.id}/approve", json={"reason": "ok"},
                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
                 assert resp.status == 200

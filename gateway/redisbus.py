@@ -1,0 +1,70 @@
+"""One Redis pub/sub connection per process, shared by the parts that must hear other replicas at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+
+class RedisBus:
+    """Delivers messages of subscribed channels to callbacks; reconnects and resubscribes by itself.
+
+    Messages published while the connection is down are lost: subscribers must also re-read what they wait
+    for now and then (their safety net), and `on_reconnect` callbacks run after every reconnect.
+    """
+
+    def __init__(self, url: str, connect_timeout: float = 1.0) -> None:
+        # No read timeout: a subscription waits for messages indefinitely; health checks PING it instead.
+        self._client = Redis.from_url(url, socket_connect_timeout=connect_timeout, health_check_interval=10,
+                                      decode_responses=True)
+        self._handlers: dict[str, list[Callable[[str], None]]] = {}
+        self.on_reconnect: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    def subscribe(self, channel: str, handler: Callable[[str], None]) -> None:
+        self._handlers.setdefault(channel, []).append(handler)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def ready(self, limit: float = 5.0) -> None:
+        """Until the subscription is live (so a message published after this is heard)."""
+        async with asyncio.timeout(limit):
+            await self._ready.wait()
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self._client.publish(channel, message)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        first = True
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*self._handlers)
+                self._ready.set()
+                if not first:
+                    for callback in self.on_reconnect:
+                        callback()
+                first, delay = False, 0.1
+                async for message in pubsub.listen():
+                    for handler in self._handlers.get(message["channel"], ()):
+                        handler(message["data"])
+            except (RedisError, OSError):
+                self._ready.clear()
+                await asyncio.sleep(delay)  # back off while Redis is away
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._client.aclose()
