@@ -62,6 +62,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         kind = upstream.spec.kind if upstream else None
         agent = await rt.authenticator.authenticate(request.headers)
         event.agent = agent.id
+        pause = rt.control.paused(agent.id)
+        if pause is not None:
+            raise GatewayError("agent_paused", f"agent {agent.id!r} is paused (by {pause.by}: {pause.reason})")
+        task = asyncio.current_task()
+        if task is not None:
+            rt.inflight.setdefault(agent.id, {})[task] = event
         if upstream is None:
             raise bad_request(f"unknown upstream {name!r}: the first path segment must name an upstream")
         event.upstream = name
@@ -105,10 +111,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         event.status = response.status  # what the agent saw: JSON-RPC errors travel in an HTTP 200
         return response
     except asyncio.CancelledError:
-        event.error = "client_disconnected"
+        event.error = event.error if event.error == "agent_paused" else "client_disconnected"
         event.status = 499
         raise
     finally:
+        if event.agent is not None and (calls := rt.inflight.get(event.agent)) is not None:
+            calls.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if not calls:
+                del rt.inflight[event.agent]
         event.latency_ms = round((time.perf_counter() - started) * 1000, 3)
         settling = request.get(SETTLING)
         if settling is not None and not settling.done():  # the event carries the settlement it follows

@@ -11,13 +11,16 @@ import aiohttp
 from aiohttp import web
 
 from .approvals import Approval, ApprovalStore
+from .control import Control
 from .identity import Authenticator
 from .limits.alerts import Alerts
 from .limits.enforce import Settler
 from .limits.store import Store
 from .policy.compile import Policy
 from .settings import Settings
+from .trace.event import TraceEvent
 from .trace.sinks import TraceSink
+from .webhooks import WebhookPoster
 
 
 @dataclass
@@ -31,9 +34,13 @@ class Runtime:
     store: Store
     settler: Settler
     alerts: Alerts
+    control: Control
     ready: bool = True
     on_approval_opened: list[Callable[[Approval], None]] = field(default_factory=list)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # The calls in flight per agent, so the kill switch can cut them: task -> its trace event.
+    inflight: dict[str, dict[asyncio.Task[Any], TraceEvent]] = field(default_factory=dict)
+    webhooks: list[WebhookPoster] = field(default_factory=list)  # closed (drained) at shutdown
 
     def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         """Run a coroutine in the background, referenced until done (e.g. work a cancelled request leaves)."""
@@ -43,3 +50,13 @@ class Runtime:
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+
+
+def cut_paused(rt: Runtime, agent: str, pause: object) -> None:
+    """A control listener: when an agent is paused, end its calls in flight on this replica (streams too)."""
+    if pause is None:
+        return
+    for task, event in list(rt.inflight.get(agent, {}).items()):
+        event.error = "agent_paused"
+        event.reason = f"cut: the agent was paused ({getattr(pause, 'reason', '')})"
+        task.cancel()

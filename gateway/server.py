@@ -9,13 +9,16 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from .admin.app import admin_app
+from .approvals import Approval
 from .approvals.backends import open_approvals
+from .control import open_control
 from .identity import Authenticator
 from .keys import JwtSettings, KeySource
 from .limits.alerts import Alerts
@@ -25,9 +28,10 @@ from .limits.store import Reservation, Settlement
 from .pipeline import handle
 from .policy.compile import Policy, compile_policy
 from .policy.load import load_rules
-from .runtime import RUNTIME, Runtime
+from .runtime import RUNTIME, Runtime, cut_paused
 from .settings import Settings
 from .trace.sinks import LineWriter, TraceSink
+from .webhooks import WebhookPoster
 
 
 def load_policy(settings: Settings) -> Policy:
@@ -63,11 +67,29 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
         for index, threshold in settlement.alerts:
             alerts.fire(reservation.plan.agent, reservation.plan.budgets[index], threshold, settlement.used[index])
 
+    control = open_control(settings.redis_url, settings.store_timeout)
     runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=open_approvals(settings),
                       session=session, sink=sink, store=store, settler=Settler(store, sink, on_settled),
-                      alerts=alerts)
+                      alerts=alerts, control=control)
     runtime_ref.append(runtime)
+    control.listeners.append(lambda agent, pause: cut_paused(runtime, agent, pause))
+    await control.start()
+    runtime.on_approval_opened.append(approval_notifier(runtime))
     return runtime
+
+
+def approval_notifier(runtime: Runtime) -> Callable[[Approval], None]:
+    """Post each new pending approval to the approvals webhook, with a link to it in the console."""
+    settings = runtime.settings
+    poster = WebhookPoster(runtime.session, settings.approval_webhook)
+    runtime.webhooks.append(poster)
+    console = (settings.console_url or f"http://{settings.admin_host}:{settings.admin_port}/console/").rstrip("/")
+
+    def notify(approval: Approval) -> None:
+        poster.post({"type": "approval_pending", "approval": approval.public(),
+                     "console_url": f"{console}/#approval={approval.id}"})
+
+    return notify
 
 
 def agents_app(runtime: Runtime) -> web.Application:
@@ -107,6 +129,9 @@ class RunningGateway:
         await self.agents.cleanup()
         await self.admin.cleanup()
         await self.runtime.approvals.close()
+        await self.runtime.control.close()
+        for poster in self.runtime.webhooks:
+            await poster.close()
         await self.runtime.settler.close()
         await self.runtime.alerts.close()
         await self.runtime.store.close()

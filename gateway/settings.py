@@ -30,6 +30,9 @@ class Settings:
     store_timeout: float = 1.0  # seconds for any one store operation
     alert_webhook: str | None = None  # budget alerts are POSTed here (JSON), retried in the background
     workers: int = 1
+    approval_webhook: str | None = None  # new pending approvals are POSTed here (JSON), with a console link
+    approval_lease: float = 15.0  # seconds until a held call whose process died reads as abandoned (Redis)
+    console_url: str | None = None  # the console's address as approvers reach it (default: the admin listener)
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # for ${VAR} in rule files
 
 

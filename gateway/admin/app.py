@@ -12,6 +12,7 @@ from ..approvals import CATEGORIES, ApprovalConflict
 from ..limits.store import StoreUnavailable
 from ..policy.load import parse_duration
 from ..runtime import RUNTIME
+from .agents import add_agent_routes
 from .auth import admin_auth, admin_error, require_role
 
 
@@ -134,4 +135,5 @@ def admin_app() -> web.Application:
     app.router.add_post("/approvals/{id}/approve", approve)
     app.router.add_post("/approvals/{id}/deny", deny)
     app.router.add_get("/agents/{id}/usage", agent_usage)
+    add_agent_routes(app)
     return app

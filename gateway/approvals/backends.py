@@ -12,4 +12,4 @@ def open_approvals(settings: Settings) -> ApprovalStore:
         return MemoryApprovals()
     from .redis_approvals import RedisApprovals
 
-    return RedisApprovals.from_url(settings.redis_url, timeout=settings.store_timeout)
+    return RedisApprovals.from_url(settings.redis_url, timeout=settings.store_timeout, lease=settings.approval_lease)

@@ -12,6 +12,8 @@ _KEEP = 10_000  # approvals kept for `GET /approvals` history
 
 
 class MemoryApprovals:
+    lease = 0.0  # the holder and every decider are this process: an approval is never orphaned by a crash
+
     def __init__(self) -> None:
         self._items: OrderedDict[str, Approval] = OrderedDict()
         self._by_fingerprint: dict[str, str] = {}

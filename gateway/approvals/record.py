@@ -75,6 +75,8 @@ class Grant:
 
 
 class ApprovalStore(Protocol):
+    lease: float  # seconds a holder's claim lasts unless renewed; 0: holders never lapse (one process)
+
     async def open(self, approval: Approval) -> None:
         """Store a new pending approval held by this process."""
         ...

@@ -97,7 +97,7 @@ def _fields(approval: Approval) -> dict[Any, Any]:
 
 
 def _approval(fields: dict[str, str]) -> Approval:
-    data: dict[str, Any] = dict(fields)
+    data: dict[str, Any] = {"resource": None, "tool": None, **fields}  # None fields are not stored in the hash
     for name in _FLOATS & data.keys():
         data[name] = float(data[name])
     data["evidence"] = orjson.loads(data.get("evidence", "{}"))
@@ -106,7 +106,8 @@ def _approval(fields: dict[str, str]) -> Approval:
 
 
 class RedisApprovals:
-    def __init__(self, client: Redis, bus: RedisBus, timeout: float = 1.0) -> None:
+    def __init__(self, client: Redis, bus: RedisBus, timeout: float = 1.0, lease: float = LEASE_SECONDS) -> None:
+        self.lease = lease
         self._client = client
         self._bus = bus
         self._timeout = timeout
@@ -119,9 +120,9 @@ class RedisApprovals:
         bus.on_reconnect.append(self._wake_all)  # decisions may have been missed: everyone re-reads
 
     @classmethod
-    def from_url(cls, url: str, timeout: float = 1.0) -> RedisApprovals:
+    def from_url(cls, url: str, timeout: float = 1.0, lease: float = LEASE_SECONDS) -> RedisApprovals:
         client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
-        return cls(client, RedisBus(url, timeout), timeout)
+        return cls(client, RedisBus(url, timeout), timeout, lease)
 
     def _key(self, approval_id: str) -> str:
         return f"{PREFIX}:ap:{approval_id}"
@@ -253,12 +254,12 @@ class RedisApprovals:
     async def _renew_leases(self) -> None:
         """Every third of the lease, extend it on everything this process holds (one pipeline)."""
         while self._wakers:
-            await asyncio.sleep(LEASE_SECONDS / 3)  # the renewal period, not synchronisation
+            await asyncio.sleep(self.lease / 3)  # the renewal period, not synchronisation
             held = list(self._wakers)
             if not held:
                 break
             pipe = self._client.pipeline(transaction=False)
-            until = repr(time.time() + LEASE_SECONDS)
+            until = repr(time.time() + self.lease)
             for approval_id in held:
                 pipe.hset(self._key(approval_id), "holder_until", until)
             with contextlib.suppress(StoreUnavailable):
