@@ -58,8 +58,9 @@ def fake_env(fakes: FakeUpstreams) -> dict[str, str]:
             "ERP_URL": fakes.http_tool_url, "CRM_MCP_URL": fakes.mcp_url}
 
 
-async def start_stack(rules: Path = RULES, *, mcp_sse: bool = False, **overrides: object) -> Stack:
-    fakes = await start_all(mcp_sse=mcp_sse)
+async def start_stack(rules: Path = RULES, *, mcp_sse: bool = False, chunk_delay: float = 0.0,
+                      **overrides: object) -> Stack:
+    fakes = await start_all(mcp_sse=mcp_sse, chunk_delay=chunk_delay)
     sink = MemorySink()
     settings = Settings(rules=str(rules), port=0, admin_port=0, jwt_secret=SECRET, admin_token=ADMIN_TOKEN,
                         env=fake_env(fakes), drain_timeout=5, **overrides)  # type: ignore[arg-type]
