@@ -20,20 +20,25 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# redis-server: the Redis store tests start their own (they fail, never skip, without it).
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages the tests need (they fail, never skip, without them): redis-server, which the Redis store
+# tests start themselves, and Debian's chromium, which Playwright drives for the console tests (never
+# `playwright install`: it downloads browsers of its own).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "redis-server is missing: install it with your package manager (e.g. brew install redis)" >&2
+    echo "missing: ${missing[*]}: install them with your package manager (e.g. brew install redis chromium)" >&2
     exit 1
   fi
   apt_get=(env DEBIAN_FRONTEND=noninteractive apt-get)
   if [ "$(id -u)" -ne 0 ]; then
     if ! command -v sudo >/dev/null 2>&1; then
-      echo "redis-server is missing and installing it needs root: apt-get install redis-server" >&2
+      echo "missing: ${missing[*]}; installing needs root: apt-get install ${missing[*]}" >&2
       exit 1
     fi
     apt_get=(sudo "${apt_get[@]}")
   fi
   "${apt_get[@]}" update -qq
-  "${apt_get[@]}" install -y -qq redis-server >/dev/null
+  "${apt_get[@]}" install -y -qq "${missing[@]}" >/dev/null
 fi

@@ -14,6 +14,7 @@ from ..policy.load import parse_duration
 from ..runtime import RUNTIME
 from .agents import add_agent_routes
 from .auth import admin_auth, admin_error, require_role
+from .console import add_console
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -136,4 +137,5 @@ def admin_app() -> web.Application:
     app.router.add_post("/approvals/{id}/deny", deny)
     app.router.add_get("/agents/{id}/usage", agent_usage)
     add_agent_routes(app)
+    add_console(app)
     return app

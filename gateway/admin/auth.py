@@ -49,7 +49,7 @@ async def identify_admin(request: web.Request) -> Admin:
 @web.middleware
 async def admin_auth(request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path in ("/", "/console") or request.path.startswith("/console/"):
         return await handler(request)
     try:
         request[ADMIN] = await identify_admin(request)
@@ -65,5 +65,5 @@ def require_role(request: web.Request, *roles: str) -> Admin:
     if admin.role not in roles:
         raise web.HTTPForbidden(
             content_type="application/json",
-            body=orjson.dumps({"error": {"type": "forbidden", "message": f"needs role {' or '.join(roles)}"}}))
+            text=orjson.dumps({"error": {"type": "forbidden", "message": f"needs role {' or '.join(roles)}"}}).decode())
     return admin
