@@ -1,4 +1,5 @@
-"""The `agent-gateway` command: serve, token, rules check|test, demo."""
+"""The `agent-gateway` command: serve, token, rules check|test, demo, and the admin API's approvals, pause|resume,
+tail."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 
+from .approvals import CATEGORIES
 from .policy.spec import RuleSetInvalid
 from .settings import DEFAULT_MAX_BODY, Settings, process_env, read_secret
 
@@ -50,6 +52,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
                    help="URL that budget alerts are POSTed to (JSON), retried with back-off")
     p.add_argument("--workers", type=int, default=_env(env, "WORKERS", "1"),
                    help="processes sharing the ports (SO_REUSEPORT); more than 1 needs --redis-url")
+    p.add_argument("--approval-webhook", default=_env(env, "APPROVAL_WEBHOOK"),
+                   help="URL that each new pending approval is POSTed to (JSON, with a console link)")
+    p.add_argument("--console-url", default=_env(env, "CONSOLE_URL"),
+                   help="the console's address as approvers reach it, for links (default: the admin listener)")
+    p.add_argument("--approval-lease", type=float, default=_env(env, "APPROVAL_LEASE", "15"),
+                   help="seconds until a held call whose gateway process died reads as abandoned (Redis; 15)")
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
@@ -61,7 +69,59 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         jwks_file=args.jwks_file, jwks_url=args.jwks_url, jwt_audience=args.jwt_audience,
         jwt_issuer=args.jwt_issuer, admin_token=admin.decode() if admin else None,
         hold_timeout=args.hold_timeout, drain_timeout=args.drain_timeout, redis_url=args.redis_url,
-        store_timeout=args.store_timeout, alert_webhook=args.alert_webhook, workers=args.workers, env=env)
+        store_timeout=args.store_timeout, alert_webhook=args.alert_webhook, workers=args.workers,
+        approval_webhook=args.approval_webhook, console_url=args.console_url, approval_lease=args.approval_lease,
+        env=env)
+
+
+def _admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--admin-url", default=_env(env, "ADMIN_URL", "http://127.0.0.1:8081"),
+                        help="the gateway's admin API (default http://127.0.0.1:8081; AGENT_GATEWAY_ADMIN_URL)")
+    common.add_argument("--token", help="admin or approver token (default AGENT_GATEWAY_ADMIN_TOKEN)")
+    common.add_argument("--token-file", default=_env(env, "ADMIN_TOKEN_FILE"),
+                        help="file holding the token (AGENT_GATEWAY_ADMIN_TOKEN_FILE)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON instead of text for people")
+
+    approvals = sub.add_parser("approvals", help="list, approve and deny held calls")
+    approvals_sub = approvals.add_subparsers(dest="approvals_command", required=True)
+    listing = approvals_sub.add_parser("list", parents=[common], help="the approval queue, newest first")
+    listing.add_argument("--status", default="pending", choices=[*STATUSES, "all"],
+                         help="which approvals (default pending)")
+    listing.add_argument("--agent", help="only this agent's")
+    for verdict, help_text in (("approve", "let a held call through"), ("deny", "refuse a held call")):
+        p = approvals_sub.add_parser(verdict, parents=[common], help=help_text)
+        p.add_argument("id", help="approval id, or a prefix of it that matches one approval")
+        p.add_argument("--reason", required=True, help="why (kept with the decision)")
+        p.add_argument("--category", choices=CATEGORIES, help="for the feedback loop")
+        if verdict == "approve":
+            p.add_argument("--remember", type=_duration,
+                           help="also let this agent do the same action without a hold for this long (e.g. 8h)")
+
+    pause = sub.add_parser("pause", parents=[common], help="turn an agent's kill switch on (admin)")
+    pause.add_argument("agent")
+    pause.add_argument("--reason", required=True)
+    resume = sub.add_parser("resume", parents=[common], help="turn an agent's kill switch off (admin)")
+    resume.add_argument("agent")
+    resume.add_argument("--reason")
+
+    tail = sub.add_parser("tail", parents=[common], help="follow trace events live (Ctrl-C stops)")
+    tail.add_argument("--agent", help="only this agent's events")
+    tail.add_argument("--decision", help="only events with this decision (allow, deny, hold)")
+
+
+STATUSES = ("pending", "approved", "denied", "timeout", "abandoned")
+
+
+def _duration(text: str) -> str:
+    """Checked here with the server's own parser, and sent as written."""
+    from .policy.load import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -92,6 +152,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     demo.add_argument("--admin-port", type=int, default=8081)
     demo.add_argument("--rules", default="rules")
     demo.add_argument("--exit", action="store_true", help="exit after the scripted agent instead of serving")
+    _admin_parsers(sub, env)
     return parser
 
 
@@ -140,6 +201,33 @@ def _rules_test(directory: str, cases: Sequence[str], env: Mapping[str, str]) ->
         return 1
 
 
+def _admin(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .admin import commands
+
+    prog = f"agent-gateway {args.command}"
+    try:
+        secret = args.token.encode() if args.token else read_secret(env.get("AGENT_GATEWAY_ADMIN_TOKEN"),
+                                                                    args.token_file)
+    except OSError as exc:
+        print(f"{prog}: cannot read --token-file: {exc}", file=sys.stderr)
+        return 2
+    if not secret:
+        print(f"{prog}: needs an admin token: --token, --token-file or AGENT_GATEWAY_ADMIN_TOKEN", file=sys.stderr)
+        return 2
+    command: commands.Command
+    if args.command == "approvals" and args.approvals_command == "list":
+        status = None if args.status == "all" else args.status
+        command = commands.list_approvals(status, args.agent, args.json)
+    elif args.command == "approvals":
+        command = commands.decide(args.id, args.approvals_command, args.reason, args.category,
+                                  getattr(args, "remember", None), args.json)
+    elif args.command in ("pause", "resume"):
+        command = commands.set_paused(args.agent, args.command == "pause", args.reason, args.json)
+    else:
+        command = commands.tail(args.agent, args.decision, args.json)
+    return commands.run(prog, args.admin_url, secret.decode(), command, interrupt_ok=args.command == "tail")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     env = process_env()
     args = build_parser(env).parse_args(argv)
@@ -169,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo.run import run_demo
 
         return int(run_demo(args.rules, args.port, args.admin_port, serve_after=not args.exit, env=env))
+    if args.command in ("approvals", "pause", "resume", "tail"):
+        return _admin(args, env)
     return 2
 
 

@@ -104,6 +104,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise
     except GatewayError as error:
         event.error = error.type
+        if error.detail is not None:
+            event.detail = {**(event.detail or {}), "error_detail": error.detail}
         if event.reason is None:
             event.reason = error.message
         rpc = classified.rpc if classified else None

@@ -16,10 +16,12 @@ from .identity import Authenticator
 from .limits.alerts import Alerts
 from .limits.enforce import Settler
 from .limits.store import Store
+from .metrics import Metrics
 from .policy.compile import Policy
 from .settings import Settings
 from .trace.event import TraceEvent
 from .trace.sinks import TraceSink
+from .trace.tail import TailHub
 from .webhooks import WebhookPoster
 
 
@@ -35,6 +37,8 @@ class Runtime:
     settler: Settler
     alerts: Alerts
     control: Control
+    tail: TailHub  # the live view of the trace: GET /traces/stream
+    metrics: Metrics  # the trace counted for Prometheus: GET /metrics
     ready: bool = True
     on_approval_opened: list[Callable[[Approval], None]] = field(default_factory=list)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -25,12 +25,14 @@ from .limits.alerts import Alerts
 from .limits.backends import open_store
 from .limits.enforce import Settler
 from .limits.store import Reservation, Settlement
+from .metrics import METRICS, Metrics
 from .pipeline import handle
 from .policy.compile import Policy, compile_policy
 from .policy.load import load_rules
 from .runtime import RUNTIME, Runtime, cut_paused
 from .settings import Settings
-from .trace.sinks import LineWriter, TraceSink
+from .trace.sinks import FanOut, LineWriter, TraceSink
+from .trace.tail import TAIL, TailHub
 from .webhooks import WebhookPoster
 
 
@@ -55,7 +57,9 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
         raise
     runtime_ref: list[Runtime] = []
     authenticator = Authenticator(keys, jwt_settings, lambda agent: agent in runtime_ref[0].policy.agents)
-    sink = sink or LineWriter(settings.trace)
+    tail, metrics = TailHub(), Metrics()
+    # Every event reaches the record (file or stdout), the live tail and the metrics.
+    sink = FanOut(sink or LineWriter(settings.trace), tail, metrics)
     try:
         store = open_store(settings)
     except ValueError:
@@ -70,7 +74,7 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
     control = open_control(settings.redis_url, settings.store_timeout)
     runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=open_approvals(settings),
                       session=session, sink=sink, store=store, settler=Settler(store, sink, on_settled),
-                      alerts=alerts, control=control)
+                      alerts=alerts, control=control, tail=tail, metrics=metrics)
     runtime_ref.append(runtime)
     control.listeners.append(lambda agent, pause: cut_paused(runtime, agent, pause))
     await control.start()
@@ -103,6 +107,8 @@ def agents_app(runtime: Runtime) -> web.Application:
 def make_admin_app(runtime: Runtime) -> web.Application:
     app = admin_app()
     app[RUNTIME] = runtime
+    app[TAIL] = runtime.tail
+    app[METRICS] = runtime.metrics
     return app
 
 

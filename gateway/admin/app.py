@@ -15,6 +15,8 @@ from ..runtime import RUNTIME
 from .agents import add_agent_routes
 from .auth import admin_auth, admin_error, require_role
 from .console import add_console
+from .metrics_route import metrics
+from .tail import close_tail, traces_stream
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -137,5 +139,8 @@ def admin_app() -> web.Application:
     app.router.add_post("/approvals/{id}/deny", deny)
     app.router.add_get("/agents/{id}/usage", agent_usage)
     add_agent_routes(app)
+    app.router.add_get("/traces/stream", traces_stream)
+    app.router.add_get("/metrics", metrics)
+    app.on_shutdown.append(close_tail)  # open streams end, so shutdown does not wait on their watchers
     add_console(app)
     return app

@@ -131,8 +131,8 @@ async def test_decision_refused_when_already_decided(stack: Stack, http: aiohttp
     assert (await call)[0] == 201
     for verdict in ("approve", "deny"):
         status, body = await decide(http, stack, approval["id"], verdict)
-        assert (status, body) == (409, {"error": {"type": "conflict",
-                                                  "message": f"approval {approval['id']} is already approved (by admin)"}})
+        message = f"approval {approval['id']} is already approved (by admin)"
+        assert (status, body) == (409, {"error": {"type": "conflict", "message": message}})
     status, body = await decide(http, stack, "no-such-id", "approve")
     assert (status, body) == (404, {"error": {"type": "not_found", "message": "no approval 'no-such-id'"}})
     assert len(stack.fakes.http_tool.recorder.requests) == 1
