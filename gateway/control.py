@@ -12,9 +12,9 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from .limits.store import StoreUnavailable
+from .errors import StoreUnavailable
+from .redis_calls import bounded
 from .redisbus import RedisBus
 
 PAUSED_KEY = "agw:{control}:paused"
@@ -84,13 +84,7 @@ class RedisControl(Control):
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_every_second())
 
     async def _call(self, what: str, operation: Any) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await operation
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"redis {what}: no answer within {self._timeout:g}s") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
+        return await bounded(what, operation, self._timeout)
 
     async def _refresh(self) -> None:
         entries: dict[str, str] = await self._call("read paused agents", self._client.hgetall(PAUSED_KEY))

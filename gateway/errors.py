@@ -47,3 +47,7 @@ def unauthenticated(message: str) -> GatewayError:
 
 def bad_request(message: str) -> GatewayError:
     return GatewayError("bad_request", message)
+
+
+class StoreUnavailable(Exception):
+    """A shared store (Redis) did not answer in time or refused the connection: callers fail closed."""

@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from ..limits.store import StoreUnavailable
+from ..errors import StoreUnavailable
+from ..redis_calls import bounded
 from ..redisbus import RedisBus
 from .record import LEASE_SECONDS, RETRY_TTL, Approval, ApprovalConflict, Grant, grant_scope
 
@@ -128,13 +128,7 @@ class RedisApprovals:
         return f"{PREFIX}:ap:{approval_id}"
 
     async def _call(self, what: str, operation: Any) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await operation
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"redis {what}: no answer within {self._timeout:g}s") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
+        return await bounded(what, operation, self._timeout)
 
     def _decided(self, approval_id: str) -> None:
         waker = self._wakers.get(approval_id)

@@ -19,6 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from ..redis_calls import bounded
 from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
 from .store import (
     BudgetCounter,
@@ -27,7 +28,6 @@ from .store import (
     Refusal,
     Reservation,
     Settlement,
-    StoreUnavailable,
     budget_cost,
     rate_cost,
 )
@@ -210,14 +210,7 @@ class RedisStore:
         return cls(Redis.from_pool(pool), timeout, clock)
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one store operation under the timeout; redis-py drops a connection that failed or was cancelled."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await operation()
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"redis {what}: no answer within {self._timeout:g}s") from exc
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from exc
+        return await bounded(what, operation(), self._timeout)
 
     async def _script(self, name: str, keys: list[str], args: list[str | int | float]) -> Any:
         """Queue one script call for this loop iteration's pipeline and wait for its own reply."""

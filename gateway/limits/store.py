@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from ..errors import StoreUnavailable
 
-class StoreUnavailable(Exception):
-    """The store did not answer (connection refused, timeout): callers fail closed unless told otherwise."""
+__all__ = ["StoreUnavailable"]  # re-exported: the store protocol's failure
 
 
 @dataclass(frozen=True, slots=True)
