@@ -18,14 +18,18 @@ from urllib.parse import SplitResult, urlsplit
 from gateway.models import Mode
 from gateway.policy.conditions import ConditionError, compile_condition
 from gateway.policy.spec import (
+    DEFAULT_CAPTURE,
     DEFAULT_LOOP,
     EFFECTS,
+    ENFORCEMENTS,
     MODES,
     UPSTREAM_KINDS,
     AgentSpec,
     BudgetSpec,
+    CaptureSpec,
     CredentialSpec,
     Effect,
+    Enforcement,
     Loc,
     LoopSpec,
     PriceSpec,
@@ -55,8 +59,8 @@ DEFAULT_READ_TIMEOUT = 300.0  # LLM streams can pause for minutes between tokens
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 _UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout", "on_store_error")
-_AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits", "loop_detection")
-_RULE_OPTIONAL = ("id", "resources", "when", "reason", "timeout")
+_AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits", "loop_detection", "capture")
+_RULE_OPTIONAL = ("id", "resources", "when", "reason", "timeout", "enforce")
 
 
 def load_rules(directory: str | Path, env: Mapping[str, str]) -> RuleSet:
@@ -363,6 +367,7 @@ def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
     limit_nodes = enumerate(reader.items(fields.get("rate_limits")))
     rate_limits = [_rate_limit(ctx, item, f"{file_name}#rate_limits[{i}]") for i, item in limit_nodes]
     loop = _loop(reader, fields["loop_detection"]) if "loop_detection" in fields else DEFAULT_LOOP
+    capture = _capture(reader, fields["capture"]) if "capture" in fields else DEFAULT_CAPTURE
     if reader.failed_since(mark):
         return None
     return AgentSpec(
@@ -375,7 +380,24 @@ def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
         rate_limits=tuple(r for r in rate_limits if r is not None),
         file=root.loc.file,
         loop_detection=loop,
+        capture=capture,
     )
+
+
+def _capture(reader: Reader, node: Node) -> CaptureSpec:
+    """`capture: {json: referenced | all | none | [paths], sensitive: [paths]}`."""
+    fields = reader.fields(node, (), ("json", "sensitive"))
+    if fields is None:
+        return DEFAULT_CAPTURE
+    json_node = fields.get("json")
+    json: str | tuple[str, ...] = "referenced"
+    if json_node is not None:
+        if isinstance(json_node.value, str):
+            json = reader.choice(json_node, ("referenced", "all", "none"), "capture mode", "referenced")
+        else:
+            json = reader.strings(json_node, ())
+    sensitive = reader.strings(fields.get("sensitive"), ())
+    return CaptureSpec(json=json, sensitive=sensitive)
 
 
 def _loop(reader: Reader, node: Node) -> LoopSpec | None:
@@ -407,6 +429,9 @@ def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpe
     if when_node is not None and when is not None:
         ctx.conditions.append(when_node)
     reason = reader.text(fields.get("reason"), None)
+    enforce = reader.choice(fields.get("enforce"), ENFORCEMENTS, "enforcement", "enforce")
+    if "enforce" in fields and effect == "allow" and enforce != "enforce":
+        reader.bad_value(fields["enforce"], "only deny and hold rules can be staged (shadow or warn)")
     timeout = None
     if "timeout" in fields:
         if effect == "hold":
@@ -427,6 +452,7 @@ def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpe
         timeout=timeout,
         loc=node.loc,
         when_loc=when_node.loc if when_node is not None else None,
+        enforce=cast(Enforcement, enforce),
     )
 
 

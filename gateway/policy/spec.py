@@ -13,6 +13,8 @@ Window = Literal["second", "minute", "hour", "day", "week", "month"]
 UPSTREAM_KINDS: tuple[str, ...] = ("openai", "anthropic", "mcp", "http")
 MODES: tuple[str, ...] = ("audit", "assist", "automate")
 EFFECTS: tuple[str, ...] = ("allow", "hold", "deny")
+ENFORCEMENTS: tuple[str, ...] = ("enforce", "warn", "shadow")
+Enforcement = Literal["enforce", "warn", "shadow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,9 @@ class RuleSpec:
     timeout: float | None  # hold only, seconds
     loc: Loc  # the rule itself
     when_loc: Loc | None = None  # the `when:` value, for CEL errors
+    # Staged rollout of deny/hold rules: `shadow` is only traced (would_deny/would_hold), `warn` lets the call
+    # through with a warning, `enforce` decides. Allow rules always enforce.
+    enforce: Enforcement = "enforce"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +154,21 @@ DEFAULT_LOOP = LoopSpec(max_repeats=20, per="minute")
 
 
 @dataclass(frozen=True, slots=True)
+class CaptureSpec:
+    """What each call's trace keeps of the request, so `replay` can re-decide it under other rules.
+
+    `json`: "referenced" (the body fields any of the agent's conditions read), "all", "none", or a list of dotted
+    paths. `sensitive`: dotted paths always redacted. Credentials and secret-looking keys are always redacted.
+    """
+
+    json: str | tuple[str, ...] = "referenced"
+    sensitive: tuple[str, ...] = ()
+
+
+DEFAULT_CAPTURE = CaptureSpec()
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSpec:
     id: str
     owner: str | None
@@ -159,6 +179,7 @@ class AgentSpec:
     rate_limits: tuple[RateLimitSpec, ...]
     file: str
     loop_detection: LoopSpec | None = DEFAULT_LOOP  # None: off
+    capture: CaptureSpec = DEFAULT_CAPTURE
 
 
 @dataclass(frozen=True, slots=True)

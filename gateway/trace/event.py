@@ -50,6 +50,11 @@ class TraceEvent:
     rate_limit: dict[str, Any] | None = None  # the tightest rate limit: id, remaining, limit
     limits: list[str] | None = None  # notes from the limit stage (store unavailable, usage missing, ...)
     stream: bool | None = None
+    # Staged rules that matched: shadow rules as {"rule", "would": "deny"|"hold"}, warn rules as {"rule", "warn"}.
+    shadow: list[dict[str, Any]] | None = None
+    warnings: list[dict[str, Any]] | None = None
+    # The redacted request record `replay` re-decides from (rules' `capture:`): method, path, query, headers, json.
+    capture: dict[str, Any] | None = None
     # Extra records: batch elements' decisions, usage notes, ...
     detail: dict[str, Any] | None = None
 

@@ -18,7 +18,7 @@ from gateway.trace.sinks import FanOut, LineWriter, MemorySink
 FIELDS = {"ts", "trace_id", "span_id", "agent", "upstream", "method", "path", "verb", "resource", "tool", "model",
           "decision", "rule", "policy_version", "mode", "reason", "evidence", "approval", "status", "error",
           "latency_ms", "upstream_ms", "tokens", "cost_usd", "budget", "rate_limit", "limits", "stream", "detail",
-          "kind"}
+          "kind", "shadow", "warnings", "capture"}
 
 
 async def test_trace_file_never_contains_a_credential(tmp_path: Path) -> None:

@@ -185,7 +185,7 @@ def test_error_unknown_key_suggests_close_name(rules: Path) -> None:
         "rules/agents/x.yaml:4:5: missing_key: allow[1].verbs: missing required key 'verbs'",
         "rules/agents/x.yaml:5:5: unknown_key: allow[1].verb: did you mean 'verbs'?",
         "rules/agents/x.yaml:6:1: unknown_key: colour: unknown key; expected one of: "
-        "agent, owner, purpose, mode, allow, hold, deny, budgets, rate_limits, loop_detection",
+        "agent, owner, purpose, mode, allow, hold, deny, budgets, rate_limits, loop_detection, capture",
     ]
 
 
