@@ -82,6 +82,9 @@ class Metrics:
                                      ["agent", "budget"], registry=r)
         self.rate_limited = Counter("agent_gateway_rate_limited", "Calls refused by a rate limit or loop detector",
                                     ["agent", "detail"], registry=r)
+        self.staged = Counter("agent_gateway_staged_rule", "Calls a staged (shadow or warn) rule matched, by what it "
+                              "would have done", ["rule", "outcome"], registry=r)
+        self.rules_reloads = Counter("agent_gateway_rules_reloads", "Rule reloads by result", ["result"], registry=r)
         self._values: dict[str, _Capped] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -102,6 +105,12 @@ class Metrics:
         agent = self._label("agent", event.agent)
         if event.kind is None:
             self._call(event, agent)
+            for entry in event.shadow or ():
+                self._child(self.staged, self._label("rule", entry["rule"]), f"would_{entry['would']}").inc()
+            for entry in event.warnings or ():
+                self._child(self.staged, self._label("rule", entry["rule"]), f"warn_{entry['warn']}").inc()
+        elif event.kind in ("rules_loaded", "rules_rejected"):
+            self._child(self.rules_reloads, "loaded" if event.kind == "rules_loaded" else "rejected").inc()
         elif event.kind == "budget_alert" and event.budget:
             self._child(self.budget_alerts, agent, self._label("budget", event.budget.get("id"))).inc()
         if event.budget:

@@ -69,3 +69,7 @@ class Decision:
     evidence: Mapping[str, Any] = field(default_factory=dict)
     # Hold-only: how long the call may wait for a human, in seconds.
     timeout: float | None = None
+    # Staged rules that matched but did not decide: ({"rule", "would": "deny"|"hold"}, ...) for shadow rules,
+    # ({"rule", "warn": "deny"|"hold"}, ...) for warn rules.
+    shadow: tuple[Mapping[str, str], ...] = ()
+    warnings: tuple[Mapping[str, str], ...] = ()

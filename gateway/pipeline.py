@@ -150,6 +150,10 @@ def decide_all(policy: Policy, agent: AgentPolicy, classified: Classified, incom
     event.decision, event.rule, event.mode = decision.outcome, decision.rule, decision.mode
     event.reason = decision.reason
     event.evidence = dict(decision.evidence) or None
+    if decision.shadow:
+        event.shadow = [dict(s) for s in decision.shadow]
+    if decision.warnings:
+        event.warnings = [dict(w) for w in decision.warnings]
     refused: dict[int, GatewayError] | None = None
     if len(decisions) > 1:
         event.detail = {"elements": [

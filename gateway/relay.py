@@ -49,6 +49,9 @@ async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: Ag
         content_type = upstream_response.headers.get("Content-Type", "")
         out_headers = forward.response_headers(upstream_response.headers)
         out_headers["x-agent-gateway-trace-id"] = event.trace_id
+        if event.warnings:  # a `warn` rule matched: the call goes through, and the agent is told which rule
+            out_headers["x-agent-gateway-warning"] = ", ".join(f"{w['rule']} would {w['warn']}"
+                                                               for w in event.warnings)
         rpc = classified.rpc
         if rpc is not None and rpc.tools_list_ids and upstream_response.status == 200:
             return await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids, out_headers,

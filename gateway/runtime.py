@@ -18,7 +18,10 @@ from .limits.enforce import Settler
 from .limits.store import Store
 from .metrics import Metrics
 from .policy.compile import Policy
+from .reload import Reloader
+from .rules_sync import RulesSync
 from .settings import Settings
+from .staged import StagedCounts
 from .trace.event import TraceEvent
 from .trace.sinks import TraceSink
 from .trace.tail import TailHub
@@ -39,6 +42,9 @@ class Runtime:
     control: Control
     tail: TailHub  # the live view of the trace: GET /traces/stream
     metrics: Metrics  # the trace counted for Prometheus: GET /metrics
+    staged: StagedCounts  # what shadow and warn rules would have done
+    reloader: Reloader
+    sync: RulesSync
     ready: bool = True
     on_approval_opened: list[Callable[[Approval], None]] = field(default_factory=list)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)

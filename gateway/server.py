@@ -29,8 +29,11 @@ from .metrics import METRICS, Metrics
 from .pipeline import handle
 from .policy.compile import Policy, compile_policy
 from .policy.load import load_rules
+from .reload import Reloader
+from .rules_sync import RedisRulesSync, RulesSync
 from .runtime import RUNTIME, Runtime, cut_paused
 from .settings import Settings
+from .staged import StagedCounts
 from .trace.sinks import FanOut, LineWriter, TraceSink
 from .trace.tail import TAIL, TailHub
 from .webhooks import WebhookPoster
@@ -57,9 +60,9 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
         raise
     runtime_ref: list[Runtime] = []
     authenticator = Authenticator(keys, jwt_settings, lambda agent: agent in runtime_ref[0].policy.agents)
-    tail, metrics = TailHub(), Metrics()
-    # Every event reaches the record (file or stdout), the live tail and the metrics.
-    sink = FanOut(sink or LineWriter(settings.trace), tail, metrics)
+    tail, metrics, staged = TailHub(), Metrics(), StagedCounts()
+    # Every event reaches the record (file or stdout), the live tail, the metrics and the staged-rule counts.
+    sink = FanOut(sink or LineWriter(settings.trace), tail, metrics, staged)
     try:
         store = open_store(settings)
     except ValueError:
@@ -72,12 +75,22 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
             alerts.fire(reservation.plan.agent, reservation.plan.budgets[index], threshold, settlement.used[index])
 
     control = open_control(settings.redis_url, settings.store_timeout)
+    swap_into: list[Runtime] = []
+    reloader = Reloader(settings.rules, lambda: load_policy(settings), sink,
+                        lambda new: setattr(swap_into[0], "policy", new))
+    reloader.started(policy)
     runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=open_approvals(settings),
                       session=session, sink=sink, store=store, settler=Settler(store, sink, on_settled),
-                      alerts=alerts, control=control, tail=tail, metrics=metrics)
+                      alerts=alerts, control=control, tail=tail, metrics=metrics, staged=staged,
+                      reloader=reloader, sync=RulesSync(reloader, lambda c: None))
+    swap_into.append(runtime)
+    runtime.sync = (RedisRulesSync(reloader, runtime.spawn, settings.redis_url, settings.store_timeout)
+                    if settings.redis_url else RulesSync(reloader, runtime.spawn))
     runtime_ref.append(runtime)
     control.listeners.append(lambda agent, pause: cut_paused(runtime, agent, pause))
     await control.start()
+    await runtime.sync.start()
+    reloader.watch(settings.rules_watch)
     runtime.on_approval_opened.append(approval_notifier(runtime))
     return runtime
 
@@ -134,6 +147,8 @@ class RunningGateway:
         self.runtime.ready = False
         await self.agents.cleanup()
         await self.admin.cleanup()
+        await self.runtime.reloader.close()
+        await self.runtime.sync.close()
         await self.runtime.approvals.close()
         await self.runtime.control.close()
         for poster in self.runtime.webhooks:
@@ -174,6 +189,8 @@ async def _serve(settings: Settings, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rt = gateway.runtime
+    loop.add_signal_handler(signal.SIGHUP, lambda: rt.spawn(rt.reloader.reload("sighup", "SIGHUP")))
     print(f"agent-gateway: agents on {gateway.url}, admin on {gateway.admin_url}, "
           f"policy {gateway.runtime.policy.version}", file=sys.stderr, flush=True)
     await stop.wait()

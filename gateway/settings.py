@@ -33,6 +33,7 @@ class Settings:
     approval_webhook: str | None = None  # new pending approvals are POSTed here (JSON), with a console link
     approval_lease: float = 15.0  # seconds until a held call whose process died reads as abandoned (Redis)
     console_url: str | None = None  # the console's address as approvers reach it (default: the admin listener)
+    rules_watch: float = 1.0  # seconds between checks of the rules directory for changes; 0: no watching
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # for ${VAR} in rule files
 
 

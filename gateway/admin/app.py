@@ -16,6 +16,7 @@ from .agents import add_agent_routes
 from .auth import admin_auth, admin_error, require_role
 from .console import add_console
 from .metrics_route import metrics
+from .rules import add_rules_routes
 from .tail import close_tail, traces_stream
 
 
@@ -29,7 +30,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    body = {"ready": rt.ready, "policy_version": rt.policy.version}
+    body: dict[str, Any] = {"ready": rt.ready, "policy_version": rt.policy.version}
+    if rt.reloader.last_error is not None:  # still serving the last good version, and saying why not the new one
+        body["rules_error"] = rt.reloader.last_error
     return _json(body, 200 if rt.ready else 503)
 
 
@@ -139,6 +142,7 @@ def admin_app() -> web.Application:
     app.router.add_post("/approvals/{id}/deny", deny)
     app.router.add_get("/agents/{id}/usage", agent_usage)
     add_agent_routes(app)
+    add_rules_routes(app)
     app.router.add_get("/traces/stream", traces_stream)
     app.router.add_get("/metrics", metrics)
     app.on_shutdown.append(close_tail)  # open streams end, so shutdown does not wait on their watchers

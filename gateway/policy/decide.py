@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -78,31 +79,59 @@ def decide(policy: Policy, agent: AgentPolicy, action: Action, request: Incoming
                         f"agent {agent.spec.id!r} holds no grant on upstream {action.upstream!r}")
     bucket = agent.bucket(action.upstream, action.verb)
     facts = Facts(agent, action, request)
+    staged = _Staged()
     for rule in bucket.deny:
         hit, evidence, note = _matches(rule, facts, errors_match=True)
-        if hit:
+        if hit and staged.passes(rule, "deny"):
             reason = rule.spec.reason or f"denied by rule {rule.spec.id}"
-            return Decision("deny", rule.spec.id, policy.version, mode,
-                            f"{reason}; {note}" if note else reason, evidence)
+            return staged.into(Decision("deny", rule.spec.id, policy.version, mode,
+                                        f"{reason}; {note}" if note else reason, evidence))
     for rule in bucket.hold:
         hit, evidence, note = _matches(rule, facts, errors_match=True)
-        if hit:
+        if hit and staged.passes(rule, "hold"):
             reason = rule.spec.reason or f"held for approval by rule {rule.spec.id}"
-            return Decision("hold", rule.spec.id, policy.version, mode,
-                            f"{reason}; {note}" if note else reason, evidence,
-                            timeout=rule.spec.timeout or policy.default_hold_timeout)
+            return staged.into(Decision("hold", rule.spec.id, policy.version, mode,
+                                        f"{reason}; {note}" if note else reason, evidence,
+                                        timeout=rule.spec.timeout or policy.default_hold_timeout))
     for rule in bucket.allow:
         hit, evidence, _ = _matches(rule, facts, errors_match=False)
         if hit:
             if mode == "audit" and action.verb != "read":
-                return Decision("hold", AUDIT_RULE, policy.version, mode,
-                                f"agent is in audit mode: {action.verb} (allowed by {rule.spec.id}) "
-                                "needs a human", evidence, timeout=policy.default_hold_timeout)
-            return Decision("allow", rule.spec.id, policy.version, mode,
-                            rule.spec.reason or f"allowed by rule {rule.spec.id}", evidence)
+                return staged.into(Decision("hold", AUDIT_RULE, policy.version, mode,
+                                            f"agent is in audit mode: {action.verb} (allowed by {rule.spec.id}) "
+                                            "needs a human", evidence, timeout=policy.default_hold_timeout))
+            return staged.into(Decision("allow", rule.spec.id, policy.version, mode,
+                                        rule.spec.reason or f"allowed by rule {rule.spec.id}", evidence))
     target = f"{action.upstream}/{action.resource}" if action.resource else action.upstream
-    return Decision("deny", DEFAULT_RULE, policy.version, mode,
-                    f"no rule allows {action.verb!r} on {target!r} for agent {agent.spec.id!r}")
+    return staged.into(Decision("deny", DEFAULT_RULE, policy.version, mode,
+                                f"no rule allows {action.verb!r} on {target!r} for agent {agent.spec.id!r}"))
+
+
+class _Staged:
+    """Deny and hold rules being rolled out: `shadow` ones are only recorded (would_deny / would_hold), `warn`
+    ones let the call through with a warning; neither decides."""
+
+    __slots__ = ("shadow", "warnings")
+
+    def __init__(self) -> None:
+        self.shadow: list[dict[str, str]] = []
+        self.warnings: list[dict[str, str]] = []
+
+    def passes(self, rule: Rule, effect: str) -> bool:
+        """Whether a matching rule decides (enforce) rather than being recorded (shadow, warn)."""
+        mode = rule.spec.enforce
+        if mode == "enforce":
+            return True
+        if mode == "shadow":
+            self.shadow.append({"rule": rule.spec.id, "would": effect})
+        else:
+            self.warnings.append({"rule": rule.spec.id, "warn": effect})
+        return False
+
+    def into(self, decision: Decision) -> Decision:
+        if not self.shadow and not self.warnings:
+            return decision
+        return replace(decision, shadow=tuple(self.shadow), warnings=tuple(self.warnings))
 
 
 def may_call_tool(agent: AgentPolicy, upstream: str, verb: str, resource: str) -> bool:
@@ -122,4 +151,10 @@ def decide_each(policy: Policy, agent: AgentPolicy, actions: tuple[Action, ...],
     """Decide every action of a request (JSON-RPC batches: each element); the strictest one stands for all,
     so a batch is forwarded only if every element is allowed."""
     decisions = [(decide(policy, agent, action, request), action) for action in actions]
-    return max(decisions, key=lambda pair: _RANK[pair[0].outcome]), decisions
+    decision, action = max(decisions, key=lambda pair: _RANK[pair[0].outcome])
+    if len(decisions) > 1:  # what staged rules did to any element is recorded on the batch's decision
+        shadow = tuple(s for d, _ in decisions for s in d.shadow)
+        warnings = tuple(w for d, _ in decisions for w in d.warnings)
+        if shadow or warnings:
+            decision = replace(decision, shadow=shadow, warnings=warnings)
+    return (decision, action), decisions
