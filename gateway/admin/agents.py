@@ -34,8 +34,9 @@ async def card(rt: Runtime, agent: AgentPolicy) -> dict[str, Any]:
         "id": spec.id, "owner": spec.owner, "purpose": spec.purpose, "mode": spec.mode,
         "paused": pause.public() if pause else None,
         "grants": [{"effect": r.effect, "upstream": r.upstream, "verbs": list(r.verbs),
-                    "resources": list(r.resources) if r.resources is not None else None, "rule": r.id}
-                   for r in spec.rules],
+                    "resources": list(r.resources) if r.resources is not None else None, "rule": r.id,
+                    "enforce": r.enforce} for r in spec.rules],
+        "staged": [row for row in rt.staged.report(rt.policy) if row["agent"] == spec.id],
         "budgets": [b.state(u) for b, u in zip(budgets, used, strict=True)],
         "rate_limits": [{"id": r.id, "limit": r.limit, "per_seconds": r.period, "remaining": left,
                          "unit": "requests" if r.per_call else "tokens"} for r, left in zip(rates, remaining,

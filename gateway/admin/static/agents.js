@@ -36,7 +36,8 @@ function grantsTable(grants) {
     const cells = byUpstream.get(grant.upstream) ?? {allow: [], hold: [], deny: []};
     const verbs = (grant.verbs ?? []).length ? grant.verbs.join(", ") : "any verb";
     const resources = (grant.resources ?? []).length ? ` (${grant.resources.join(", ")})` : "";
-    (cells[grant.effect] ?? cells.deny).push(h("span", {class: "grant", title: grant.rule ?? ""}, verbs + resources));
+    const staged = grant.enforce && grant.enforce !== "enforce" ? h("span", {class: "tag"}, grant.enforce) : null;
+    (cells[grant.effect] ?? cells.deny).push(h("span", {class: "grant", title: grant.rule ?? ""}, verbs + resources, staged));
     byUpstream.set(grant.upstream, cells);
   }
   if (!byUpstream.size) return h("p", {class: "muted small"}, "No grants: every call is denied.");
@@ -55,7 +56,14 @@ function limits(agent) {
   const rates = (agent.rate_limits ?? []).map((r) => gauge(r.id, r.limit - r.remaining, r.limit,
     `${num(r.remaining, 0)} of ${num(r.limit, 0)} ${r.unit} left`, `per ${PERIODS[r.per_seconds] ?? duration(r.per_seconds)}`,
     agent.id));
+  const staged = (agent.staged ?? []).map((row) => h("div", {class: "staged-row"},
+    h("span", {class: "mono name", title: row.rule}, String(row.rule).replace(`${agent.id}.yaml#`, "")),
+    h("span", {class: "tag"}, `${row.enforce} ${row.effect}`),
+    h("span", {class: "mono value"}, Object.keys(row.counts ?? {}).length
+      ? Object.entries(row.counts).map(([what, n]) => `${what.replace("_", " ")}: ${num(n, 0)}`).join(" · ")
+      : "no matches yet")));
   return [
+    ...(staged.length ? [h("h3", {}, "Staged rules"), ...staged] : []),
     h("h3", {}, "Budgets"), budgets.length ? budgets : h("p", {class: "muted small"}, "No budgets."),
     h("h3", {}, "Rate limits"), rates.length ? rates : h("p", {class: "muted small"}, "No rate limits."),
   ];
