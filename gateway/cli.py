@@ -1,5 +1,5 @@
-"""The `agent-gateway` command: serve, token, rules check|test, demo, and the admin API's approvals, pause|resume,
-tail."""
+"""The `agent-gateway` command: serve, token, rules check|test|diff|schema, demo, and the admin API's approvals,
+pause|resume, tail."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
                    help="URL that each new pending approval is POSTed to (JSON, with a console link)")
     p.add_argument("--console-url", default=_env(env, "CONSOLE_URL"),
                    help="the console's address as approvers reach it, for links (default: the admin listener)")
+    p.add_argument("--rules-watch", type=float, default=_env(env, "RULES_WATCH", "1"),
+                   help="seconds between checks of the rules directory for changes; 0 turns watching off (1)")
     p.add_argument("--approval-lease", type=float, default=_env(env, "APPROVAL_LEASE", "15"),
                    help="seconds until a held call whose gateway process died reads as abandoned (Redis; 15)")
 
@@ -71,6 +73,7 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         hold_timeout=args.hold_timeout, drain_timeout=args.drain_timeout, redis_url=args.redis_url,
         store_timeout=args.store_timeout, alert_webhook=args.alert_webhook, workers=args.workers,
         approval_webhook=args.approval_webhook, console_url=args.console_url, approval_lease=args.approval_lease,
+        rules_watch=args.rules_watch,
         env=env)
 
 
@@ -139,21 +142,54 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                                                             "agent-gateway-admin with --role)")
     token.add_argument("--jwt-issuer", default=_env(env, "JWT_ISSUER"))
 
-    rules = sub.add_parser("rules", help="check and test rule files offline")
-    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
-    check = rules_sub.add_parser("check", help="validate a rules directory; exit 1 with every error")
-    check.add_argument("directory", nargs="?", default=_env(env, "RULES", "rules"))
-    test = rules_sub.add_parser("test", help="run golden cases (request -> expected decision) offline")
-    test.add_argument("directory", nargs="?", default=_env(env, "RULES", "rules"))
-    test.add_argument("cases", nargs="*", help="case files or directories (default DIR/tests)")
+    _rules_parser(sub, env)
 
     demo = sub.add_parser("demo", help="run the gateway with fake upstreams and a scripted agent (no API keys)")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--admin-port", type=int, default=8081)
     demo.add_argument("--rules", default="rules")
     demo.add_argument("--exit", action="store_true", help="exit after the scripted agent instead of serving")
+
+    replay = sub.add_parser("replay", help="backtest a rule set against recorded traces: which calls would change",
+                            description="Re-decide every recorded call (trace events with a capture) under the "
+                                        "given rules and report what would flip, per agent and rule.")
+    replay.add_argument("--rules", required=True, help="the candidate rules directory")
+    replay.add_argument("--traces", required=True, nargs="+", metavar="FILE", help="trace files (JSON lines)")
+    replay.add_argument("--format", default="table", choices=["table", "json", "markdown"],
+                        help="table for people (default), json for CI, markdown for pull requests")
+    replay.add_argument("--examples", type=int, default=3, metavar="N", help="example trace ids per change (3)")
+    replay.add_argument("--agent", help="only this agent's calls")
     _admin_parsers(sub, env)
     return parser
+
+
+def _rules_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
+    rules = sub.add_parser("rules", help="check, test, diff rule files offline; print their JSON Schemas")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate a rules directory; exit 1 with every error")
+    check.add_argument("directory", nargs="?", default=_env(env, "RULES", "rules"))
+    test = rules_sub.add_parser("test", help="run golden cases (request -> expected decision) offline")
+    test.add_argument("directory", nargs="?", default=_env(env, "RULES", "rules"))
+    test.add_argument("cases", nargs="*", help="case files or directories (default DIR/tests)")
+    test.add_argument("--junit", metavar="FILE", help="also write a JUnit XML report (Jenkins, GitLab) to FILE")
+    diff = rules_sub.add_parser(
+        "diff", help="what changed between two rule sets, rule by rule",
+        description="Compare two rule sets rule by rule. Each side is a rules directory or a git revision as "
+                    "REV:PATH (e.g. HEAD~1:rules, main:rules), read with git from the repository holding PATH. "
+                    "Unset ${VAR}s read as placeholders; credential values are never printed. Exit 0 when "
+                    "identical, 1 when they differ, 2 on errors.")
+    diff.add_argument("old", help="rules directory or REV:PATH")
+    diff.add_argument("new", help="rules directory or REV:PATH")
+    diff.add_argument("--format", choices=("text", "json", "markdown"), default="text",
+                      help="text for people (default), json for tools, markdown for pull-request comments")
+    diff.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                      help="colour the text format (auto: when stdout is a terminal and NO_COLOR is unset)")
+    schema = rules_sub.add_parser(
+        "schema", help="print or write the JSON Schemas of rule files (for editors)",
+        description="Print the JSON Schema of upstreams.yaml or of agent files, or write both with --write. "
+                    "They are generated from the loader, so they match what `rules check` accepts.")
+    schema.add_argument("which", nargs="?", choices=("upstreams", "agent"), help="the schema to print")
+    schema.add_argument("--write", metavar="DIR", help="write the schema files into DIR (both, unless one is named)")
 
 
 def _token(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -190,15 +226,52 @@ def _rules_check(directory: str, env: Mapping[str, str]) -> int:
     return 0
 
 
-def _rules_test(directory: str, cases: Sequence[str], env: Mapping[str, str]) -> int:
-    from .policy.cases import run_case_files
+def _rules_test(directory: str, cases: Sequence[str], env: Mapping[str, str], junit: str | None) -> int:
+    from .policy.cases import run_case_files, write_load_failure
 
     try:
-        return int(run_case_files(directory, cases, env, out=sys.stdout))
+        return int(run_case_files(directory, cases, env, out=sys.stdout, junit=junit))
     except RuleSetInvalid as invalid:
         for error in invalid.errors:
             print(error)
+        if junit is not None:
+            write_load_failure(junit, directory, invalid.errors)
         return 1
+
+
+def _rules_diff(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .policy.diff import compare
+    from .policy.diffreport import render
+    from .policy.revision import SourceError
+
+    try:
+        diff = compare(args.old, args.new, env)
+    except SourceError as exc:
+        print(f"agent-gateway rules diff: {exc}", file=sys.stderr)
+        return 2
+    except RuleSetInvalid as invalid:
+        for error in invalid.errors:
+            print(error, file=sys.stderr)
+        print(f"agent-gateway rules diff: {len(invalid.errors)} error(s); nothing compared", file=sys.stderr)
+        return 2
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and "NO_COLOR" not in env)
+    sys.stdout.write(render(diff, args.format, colour=colour))
+    return 0 if diff.identical else 1
+
+
+def _rules_schema(which: str | None, write: str | None) -> int:
+    from .policy.schema import SCHEMA_FILES, render, schemas, write_schemas
+
+    if write is not None:
+        for path in write_schemas(write, [SCHEMA_FILES[which]] if which else None):
+            print(f"wrote {path}")
+        return 0
+    if which is None:
+        print("agent-gateway rules schema: name a schema (upstreams or agent), or write both with --write DIR",
+              file=sys.stderr)
+        return 2
+    sys.stdout.write(render(schemas()[SCHEMA_FILES[which]]))
+    return 0
 
 
 def _admin(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -252,11 +325,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rules":
         if args.rules_command == "check":
             return _rules_check(args.directory, env)
-        return _rules_test(args.directory, args.cases, env)
+        if args.rules_command == "diff":
+            return _rules_diff(args, env)
+        if args.rules_command == "schema":
+            return _rules_schema(args.which, args.write)
+        return _rules_test(args.directory, args.cases, env, args.junit)
     if args.command == "demo":
         from .demo.run import run_demo
 
         return int(run_demo(args.rules, args.port, args.admin_port, serve_after=not args.exit, env=env))
+    if args.command == "replay":
+        from .replay import main as replay
+
+        return replay(args.rules, args.traces, args.format, max(args.examples, 0), args.agent, env)
     if args.command in ("approvals", "pause", "resume", "tail"):
         return _admin(args, env)
     return 2

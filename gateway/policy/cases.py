@@ -136,10 +136,11 @@ def mismatches(case: Case, outcome: Outcome) -> list[str]:
 
 def explain(case: Case, outcome: Outcome, wrong: Sequence[str]) -> list[str]:
     """A failed case, readably: what was wrong, the request, what was expected, what the gateway said and why."""
-    expected = ", ".join(f"{k} {case.expect[k]}" for k in ("decision", "rule", "error") if k in case.expect)
+    expected = ", ".join(f"{k} {case.expect[k]}" for k in ("decision", "rule", "error", "shadow") if k in case.expect)
     got = f"decision {outcome.decision}"
     got += f", rule {outcome.rule}" if outcome.rule else ""
     got += f", error {outcome.error}" if outcome.error else ""
+    got += f", shadow {list(outcome.shadow)}" if outcome.shadow else ""
     return [*wrong, f"request:  {case.agent} {_request_line(case.request)}", f"expected: {expected or 'nothing'}",
             f"got:      {got}", f"reason:   {outcome.reason or '(none given)'}"]
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, TypeVar, cast
+from typing import Literal, NamedTuple, TypeVar, cast
 from urllib.parse import SplitResult, urlsplit
 
 from gateway.models import Mode
@@ -45,7 +45,7 @@ from gateway.policy.spec import (
 )
 from gateway.policy.yamlsource import Node, Reader, did_you_mean, parse_duration
 
-__all__ = ["load_rules", "parse_duration", "summary"]
+__all__ = ["KEYS", "Keys", "load_rules", "parse_duration", "summary"]
 
 T = TypeVar("T")
 
@@ -61,6 +61,34 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 _UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout", "on_store_error")
 _AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits", "loop_detection", "capture")
 _RULE_OPTIONAL = ("id", "resources", "when", "reason", "timeout", "enforce")
+_BUDGET_OPTIONAL = ("id", "tokens", "usd", "alert_at", "default_output_tokens", "allow_unestimated", "clamp_max_tokens")
+_RATE_LIMIT_OPTIONAL = ("id", "upstream", "requests", "tokens", "default_output_tokens", "allow_unestimated")
+CAPTURE_MODES = ("referenced", "all", "none")
+STORE_ERROR_POLICIES = ("deny", "allow")
+
+
+class Keys(NamedTuple):
+    """The keys one kind of mapping takes; the loader rejects any other."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+
+# Every mapping the loader reads, by name. `schema` generates the JSON Schemas from this table, so the two agree.
+KEYS: Mapping[str, Keys] = MappingProxyType({
+    "upstreams_file": Keys(("upstreams",)),
+    "upstream": Keys(("kind", "url"), _UPSTREAM_OPTIONAL),
+    "credential": Keys(("header", "value")),
+    "price": Keys(("input_per_mtok", "output_per_mtok")),
+    "route": Keys(("method", "path", "verb"), ("resource",)),
+    "tool": Keys(("name", "verb"), ("resource",)),
+    "agent_file": Keys(("agent",), _AGENT_OPTIONAL),
+    "rule": Keys(("upstream", "verbs"), _RULE_OPTIONAL),
+    "budget": Keys(("per",), _BUDGET_OPTIONAL),
+    "rate_limit": Keys(("per",), _RATE_LIMIT_OPTIONAL),
+    "loop_detection": Keys(("max_repeats", "per")),
+    "capture": Keys((), ("json", "sensitive")),
+})
 
 
 def load_rules(directory: str | Path, env: Mapping[str, str]) -> RuleSet:
@@ -200,7 +228,7 @@ def _claim_id(ctx: _Context, fields: Mapping[str, Node], node: Node, default: st
 
 
 def _upstreams(reader: Reader, root: Node) -> tuple[dict[str, UpstreamSpec], frozenset[str] | None]:
-    top = reader.fields(root, ("upstreams",), ())
+    top = reader.fields(root, *KEYS["upstreams_file"])
     if top is None or "upstreams" not in top:
         return {}, None
     node = top["upstreams"]
@@ -222,7 +250,7 @@ def _upstreams(reader: Reader, root: Node) -> tuple[dict[str, UpstreamSpec], fro
 
 def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
     mark = reader.mark()
-    fields = reader.fields(node, ("kind", "url"), _UPSTREAM_OPTIONAL)
+    fields = reader.fields(node, *KEYS["upstream"])
     if fields is None:
         return None
     kind = reader.choice(fields.get("kind"), UPSTREAM_KINDS, "kind", None)
@@ -238,7 +266,7 @@ def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
             )
     connect_timeout = reader.duration(fields.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT)
     read_timeout = reader.duration(fields.get("read_timeout"), DEFAULT_READ_TIMEOUT)
-    on_store_error = reader.choice(fields.get("on_store_error"), ("deny", "allow"), "on_store_error", "deny")
+    on_store_error = reader.choice(fields.get("on_store_error"), STORE_ERROR_POLICIES, "on_store_error", "deny")
     if reader.failed_since(mark) or kind is None:
         return None
     return UpstreamSpec(
@@ -275,7 +303,7 @@ def _url(reader: Reader, node: Node | None) -> str:
 
 
 def _credential(reader: Reader, node: Node | None) -> CredentialSpec | None:
-    fields = reader.fields(node, ("header", "value"), ()) if node is not None else None
+    fields = reader.fields(node, *KEYS["credential"]) if node is not None else None
     if fields is None:
         return None
     header = reader.text(fields.get("header"), "")
@@ -292,7 +320,7 @@ def _prices(reader: Reader, node: Node | None) -> dict[str, PriceSpec]:
         return {}
     prices: dict[str, PriceSpec] = {}
     for model, item in node.value.items():
-        fields = reader.fields(item, ("input_per_mtok", "output_per_mtok"), ())
+        fields = reader.fields(item, *KEYS["price"])
         if fields is None:
             continue
         amounts = []
@@ -306,7 +334,7 @@ def _prices(reader: Reader, node: Node | None) -> dict[str, PriceSpec]:
 
 
 def _route(reader: Reader, node: Node) -> RouteSpec | None:
-    fields = reader.fields(node, ("method", "path", "verb"), ("resource",))
+    fields = reader.fields(node, *KEYS["route"])
     if fields is None:
         return None
     method = reader.text(fields.get("method"), "").upper()
@@ -325,7 +353,7 @@ def _route(reader: Reader, node: Node) -> RouteSpec | None:
 def _tools(reader: Reader, node: Node | None) -> tuple[ToolSpec, ...]:
     tools: dict[str, ToolSpec] = {}
     for item in reader.items(node):
-        fields = reader.fields(item, ("name", "verb"), ("resource",))
+        fields = reader.fields(item, *KEYS["tool"])
         if fields is None:
             continue
         name = reader.text(fields.get("name"), "")
@@ -344,7 +372,7 @@ def _tools(reader: Reader, node: Node | None) -> tuple[ToolSpec, ...]:
 def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
     reader = ctx.reader
     mark = reader.mark()
-    fields = reader.fields(root, ("agent",), _AGENT_OPTIONAL)
+    fields = reader.fields(root, *KEYS["agent_file"])
     if fields is None:
         return None
     agent_id = _name(reader, fields.get("agent"), "agent id")
@@ -386,14 +414,14 @@ def _agent(ctx: _Context, root: Node, file_name: str) -> AgentSpec | None:
 
 def _capture(reader: Reader, node: Node) -> CaptureSpec:
     """`capture: {json: referenced | all | none | [paths], sensitive: [paths]}`."""
-    fields = reader.fields(node, (), ("json", "sensitive"))
+    fields = reader.fields(node, *KEYS["capture"])
     if fields is None:
         return DEFAULT_CAPTURE
     json_node = fields.get("json")
     json: str | tuple[str, ...] = "referenced"
     if json_node is not None:
         if isinstance(json_node.value, str):
-            json = reader.choice(json_node, ("referenced", "all", "none"), "capture mode", "referenced")
+            json = reader.choice(json_node, CAPTURE_MODES, "capture mode", "referenced")
         else:
             json = reader.strings(json_node, ())
     sensitive = reader.strings(fields.get("sensitive"), ())
@@ -404,7 +432,7 @@ def _loop(reader: Reader, node: Node) -> LoopSpec | None:
     """`loop_detection: {max_repeats: 20, per: minute}`, or `loop_detection: off` (YAML false)."""
     if node.value is False:
         return None
-    fields = reader.fields(node, ("max_repeats", "per"), ())
+    fields = reader.fields(node, *KEYS["loop_detection"])
     if fields is None:
         return None
     repeats = reader.count(fields.get("max_repeats"), None)
@@ -417,7 +445,7 @@ def _loop(reader: Reader, node: Node) -> LoopSpec | None:
 def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpec | None:
     reader = ctx.reader
     mark = reader.mark()
-    fields = reader.fields(node, ("upstream", "verbs"), _RULE_OPTIONAL)
+    fields = reader.fields(node, *KEYS["rule"])
     if fields is None:
         return None
     rule_id = _claim_id(ctx, fields, node, default_id)
@@ -459,9 +487,7 @@ def _rule(ctx: _Context, node: Node, effect: Effect, default_id: str) -> RuleSpe
 def _budget(ctx: _Context, node: Node, default_id: str) -> BudgetSpec | None:
     reader = ctx.reader
     mark = reader.mark()
-    fields = reader.fields(
-        node, ("per",), ("id", "tokens", "usd", "alert_at", "default_output_tokens", "allow_unestimated",
-                         "clamp_max_tokens"))
+    fields = reader.fields(node, *KEYS["budget"])
     if fields is None:
         return None
     budget_id = _claim_id(ctx, fields, node, default_id)
@@ -496,8 +522,7 @@ def _alerts(reader: Reader, node: Node) -> tuple[float, ...]:
 def _rate_limit(ctx: _Context, node: Node, default_id: str) -> RateLimitSpec | None:
     reader = ctx.reader
     mark = reader.mark()
-    fields = reader.fields(
-        node, ("per",), ("id", "upstream", "requests", "tokens", "default_output_tokens", "allow_unestimated"))
+    fields = reader.fields(node, *KEYS["rate_limit"])
     if fields is None:
         return None
     limit_id = _claim_id(ctx, fields, node, default_id)
