@@ -44,6 +44,10 @@ class Incoming:
                     raise bad_request(f"request body is not valid JSON: {exc.msg} at {exc.pos}") from exc
         return self._json
 
+    def json_parsed(self) -> bool:
+        """Whether `json()` has run already (so reading it again costs nothing)."""
+        return self._json is not _UNPARSED
+
     def json_object(self) -> dict[str, Any]:
         """The body as a JSON object, or `bad_request` naming what was wrong."""
         value = self.json()

@@ -81,6 +81,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if agent_policy is None:  # removed by a reload after its token was verified: fail closed
             raise GatewayError("unauthenticated", f"agent {agent.id!r} is not in the rules")
         decision, action, batch_errors = decide_all(policy, agent_policy, classified, incoming, event)
+        event.capture = agent_policy.capturer.record_incoming(path, incoming)  # denied calls too, for replay
         if decision.outcome == "deny":
             raise GatewayError("policy_denied", decision.reason, rule=decision.rule)
         call = fingerprint(agent.id, action.upstream, incoming)

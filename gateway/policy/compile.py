@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..capture import Capturer
 from ..classify.http import RouteTable, compile_routes
 from ..limits.plan import Planner
 from .conditions import Condition, ConditionError, compile_condition
@@ -50,6 +51,7 @@ class AgentPolicy:
     granted_upstreams: frozenset[str]  # upstreams with at least one allow or hold rule
     rules: Mapping[str, Rule]
     planner: Planner  # the agent's rate limits, budgets and loop detection, compiled
+    capturer: Capturer  # what each call's trace keeps of the request, for replay
 
     def bucket(self, upstream: str, verb: str) -> Bucket:
         found = self.buckets.get((upstream, verb))
@@ -120,7 +122,8 @@ def _compile_agent(spec: AgentSpec, errors: list[RuleError]) -> AgentPolicy:
                 allow=tuple(r for r in chosen if r.spec.effect == "allow"),
             )
     granted = frozenset(r.spec.upstream for r in compiled.values() if r.spec.effect in ("allow", "hold"))
-    return AgentPolicy(spec, buckets, granted, compiled, Planner(spec))
+    capturer = Capturer.from_conditions(spec.capture, (r.condition for r in compiled.values() if r.condition))
+    return AgentPolicy(spec, buckets, granted, compiled, Planner(spec), capturer)
 
 
 def compile_policy(ruleset: RuleSet, default_hold_timeout: float = DEFAULT_HOLD_TIMEOUT) -> Policy:
