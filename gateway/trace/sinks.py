@@ -20,9 +20,12 @@ class TraceSink(Protocol):
     def close(self) -> None: ...
 
 
+HANDOFF_DELAY = 0.02  # seconds an event may wait before it goes to the writer thread
+
+
 class LineWriter:
     """JSON lines to stdout or a file. `emit` serialises (a few microseconds, on the caller) and buffers the
-    bytes; once per loop iteration the buffer goes to a writer thread, which writes what it got in one call.
+    bytes; every 20 ms at most the buffer goes to a writer thread, which writes what it got in one call.
     The thread does little but I/O, during which it releases the GIL, so it does not stall the event loop;
     no request waits on a disk.
     A file target rotates at `max_bytes` (keeping `backups` old files), like logging's RotatingFileHandler.
@@ -56,10 +59,10 @@ class LineWriter:
         except RuntimeError:  # no loop (offline tools): hand over at once
             self._handoff()
             return
-        # Waking the writer thread costs a syscall and a GIL hand-off: do it once per loop iteration,
-        # for everything emitted during it, rather than once per event.
+        # Waking the writer thread costs a syscall and a GIL hand-off: do it at most every HANDOFF_DELAY, for
+        # everything emitted meanwhile (under load one loop iteration often emits just one event).
         self._handoff_scheduled = True
-        loop.call_soon(self._handoff)
+        loop.call_later(HANDOFF_DELAY, self._handoff)
 
     def _handoff(self) -> None:
         self._handoff_scheduled = False
