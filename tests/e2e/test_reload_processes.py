@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -61,4 +62,26 @@ async def test_reload_and_rollback_reach_every_replica(tmp_path: Path, redis_url
     finally:
         for gateway in (a, b):
             gateway.stop()
+        await fakes.close()
+
+
+async def test_sighup_reloads_the_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES, rules)
+    fakes = await start_all()
+    gateway = GatewayProcess(rules, fake_env(fakes), tmp_path / "g.log", "--rules-watch", "0")
+    try:
+        await gateway.start()
+        async with aiohttp.ClientSession() as http:
+            first = (await state(http, gateway))["version"]
+            agent = rules / "agents" / "ops-bot.yaml"
+            agent.write_text(agent.read_text().replace("mode: audit", "mode: assist"))
+            assert gateway.proc is not None
+            gateway.proc.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(10):
+                while (found := await state(http, gateway))["version"] == first:
+                    pass
+            assert found["history"][0]["source"] == "sighup"
+    finally:
+        gateway.stop()
         await fakes.close()
