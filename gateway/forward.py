@@ -96,3 +96,13 @@ async def pump(
         raise GatewayError("upstream_timeout", f"upstream {upstream.name!r} stalled mid-response") from exc
     except aiohttp.ClientPayloadError as exc:
         raise GatewayError("upstream_error", f"upstream {upstream.name!r} broke off its response") from exc
+
+
+async def read_small(upstream_response: aiohttp.ClientResponse, upstream: UpstreamSpec) -> bytes:
+    """The whole body of a small answer whose length is known; foreign errors become gateway errors."""
+    try:
+        return await upstream_response.read()
+    except TimeoutError as exc:
+        raise GatewayError("upstream_timeout", f"upstream {upstream.name!r} stalled mid-response") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise GatewayError("upstream_error", f"upstream {upstream.name!r} broke off its response") from exc

@@ -28,6 +28,8 @@ from .runtime import Runtime
 from .toolfilter import filter_tools
 from .trace.event import TraceEvent
 
+SMALL_ANSWER = 64 * 1024  # bytes: an answer up to this size with a Content-Length is sent in one write
+
 # The settlement of a call still running when its handler ends (its agent hung up after the answer).
 SETTLING: web.RequestKey[asyncio.Task[None]] = web.RequestKey("settling", asyncio.Task)
 
@@ -56,19 +58,30 @@ async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: Ag
         if rpc is not None and rpc.tools_list_ids and upstream_response.status == 200:
             return await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids, out_headers,
                                          content_type, upstream)
-        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
-                                      headers=out_headers)
-        if upstream_response.content_length is not None and not hide_usage:
-            response.content_length = upstream_response.content_length
         meter = UsageMeter(content_type)
         hider = UsageChunkFilter() if hide_usage and meter.sse else None
         missing = "the response carried no usage"
+        length = upstream_response.content_length
+        response: web.StreamResponse
         try:
-            await response.prepare(request)
-            write = response.write if hider is None else _filtered_writer(response, hider)
-            await forward.pump(upstream_response, spec, write, meter.feed)
-            if hider is not None:
-                await response.write(hider.flush())
+            if length is not None and length <= SMALL_ANSWER and not meter.sse:
+                # A small, complete answer (a JSON completion, a tool result): its bytes are in hand as soon as
+                # the headers are, so it goes to the agent as one write of headers and body, not three.
+                body = await forward.read_small(upstream_response, spec)
+                meter.feed(body)
+                response = web.Response(status=upstream_response.status, reason=upstream_response.reason,
+                                        headers=out_headers, body=body)
+                await response.prepare(request)
+            else:
+                response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
+                                              headers=out_headers)
+                if length is not None and not hide_usage:
+                    response.content_length = length
+                await response.prepare(request)
+                write = response.write if hider is None else _filtered_writer(response, hider)
+                await forward.pump(upstream_response, spec, write, meter.feed)
+                if hider is not None:
+                    await response.write(hider.flush())
             await response.write_eof()  # the agent has its answer before the settlement round trip
         except GatewayError as error:
             # Headers are gone already: the agent cannot get an error body, so cut the connection

@@ -80,17 +80,21 @@ class Reloader:
         self.on_swap: list[Callable[[Served], None]] = []  # e.g. tell the other replicas
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self._seen: tuple[tuple[str, int, int], ...] = ()  # the files as they were when last loaded
 
     @property
     def current(self) -> Served:
         return self.history[-1]
 
     def started(self, policy: Policy) -> None:
+        self._seen = scan(self.directory)  # the watcher's baseline: a change from here on is a change
         self._record(policy, "startup", "gateway", git_commit(self.directory))
 
     async def reload(self, source: str, by: str) -> Outcome:
         """Load the directory again; swap it in if it is valid and new. One reload at a time."""
         async with self._lock:
+            # Taken before loading: a change made while loading is seen by the watcher next time round.
+            self._seen = await asyncio.to_thread(scan, self.directory)
             try:
                 policy = await asyncio.to_thread(self._load)  # YAML and CEL work stays off the event loop
             except RuleSetInvalid as invalid:
@@ -145,12 +149,9 @@ class Reloader:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(interval))
 
     async def _watch(self, interval: float) -> None:
-        seen = await asyncio.to_thread(scan, self.directory)
         while True:
             await asyncio.sleep(interval)  # the polling period of the watcher
-            now = await asyncio.to_thread(scan, self.directory)
-            if now != seen:
-                seen = now
+            if await asyncio.to_thread(scan, self.directory) != self._seen:
                 await self.reload("watch", "file watcher")
 
     async def close(self) -> None:
