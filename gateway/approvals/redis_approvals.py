@@ -210,7 +210,8 @@ class RedisApprovals:
                 if remaining <= 0:
                     break
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waker.wait(), min(remaining, SAFETY_REREAD))
+                    async with asyncio.timeout(min(remaining, SAFETY_REREAD)):  # no extra task per held call
+                        await waker.wait()
                 waker.clear()
                 with contextlib.suppress(StoreUnavailable):  # a store blip: keep waiting, re-read later
                     current = await self.get(approval.id)
