@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, unquote
 
 from .errors import bad_request
 
 # Characters kept as-is when re-encoding a normalised path (RFC 3986 pchar minus '%', plus '/').
 _SAFE = "/:@!$&'()*+,;=-._~"
+# A path made only of those and ASCII letters and digits is already in the form `normalise` produces.
+_CANONICAL = re.compile(r"[A-Za-z0-9/:@!$&'()*+,;=\-._~]*")
 
 
 def normalise(raw_path: str) -> str:
@@ -19,6 +22,8 @@ def normalise(raw_path: str) -> str:
     """
     if not raw_path.startswith("/"):
         raise bad_request("request path must start with '/'")
+    if _CANONICAL.fullmatch(raw_path) and "//" not in raw_path and "/." not in raw_path:
+        return raw_path  # the common case: nothing to decode, no empty or dot segments (and the same result)
     try:
         decoded = unquote(raw_path, encoding="utf-8", errors="strict")
     except UnicodeDecodeError as exc:

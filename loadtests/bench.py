@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECRET = "bench-secret-0123456789abcdef0123456789"
 CONFIGS = ("passthrough", "gateway-allow", "gateway-no-limits", "gateway-limits-memory", "gateway-limits-redis",
-           "gateway-stream")
+           "passthrough-stream", "gateway-stream")
 
 UPSTREAMS = """upstreams:
   openai:
@@ -144,7 +144,7 @@ def token_for(env: dict[str, str]) -> str:
 def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path, redis_url: str | None) -> Result:
     port = free_port()
     env = {**os.environ, "AGENT_GATEWAY_JWT_SECRET": SECRET, "OPENAI_BASE_URL": upstream_url}
-    if config == "passthrough":
+    if config.startswith("passthrough"):
         argv = pinned(0, [sys.executable, str(HERE / "passthrough.py"), str(port), upstream_url])
         token = ""
     else:
@@ -160,8 +160,9 @@ def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path
         token = token_for(env)
     with process(argv, port, env) as proc:
         url = f"http://127.0.0.1:{port}/openai/chat/completions"
-        run_wrk(url, 2, args.connections, token, config == "gateway-stream")  # warm-up, not measured
-        rps, p50, p99, errors = run_wrk(url, args.duration, args.connections, token, config == "gateway-stream")
+        stream = config.endswith("stream")
+        run_wrk(url, 2, args.connections, token, stream)  # warm-up, not measured
+        rps, p50, p99, errors = run_wrk(url, args.duration, args.connections, token, stream)
         rss = peak_rss_mb(proc.pid)
     return Result(config, round(rps, 1), p50, p99, errors, round(rss, 1))
 
@@ -192,10 +193,14 @@ def main() -> int:
                 results.append(measure(config, upstream_url, args, work, f"redis://127.0.0.1:{redis_port}/0"))
                 print(f"  measured {config}: {results[-1].requests_per_s:.0f} req/s", file=sys.stderr)
     base = next((r.requests_per_s for r in results if r.config == "passthrough"), None)
+    stream_base = next((r.requests_per_s for r in results if r.config == "passthrough-stream"), None)
     no_limits = next((r.requests_per_s for r in results if r.config == "gateway-no-limits"), None)
     for r in results:
-        r.vs_passthrough = round(r.requests_per_s / base, 3) if base else None
-        r.vs_no_limits = round(r.requests_per_s / no_limits, 3) if no_limits and r.config != "passthrough" else None
+        # Streaming is compared with the passthrough streaming the same answer, everything else with plain calls.
+        baseline = stream_base if r.config.endswith("stream") else base
+        r.vs_passthrough = round(r.requests_per_s / baseline, 3) if baseline else None
+        r.vs_no_limits = (round(r.requests_per_s / no_limits, 3)
+                          if no_limits and not r.config.startswith("passthrough") else None)
     print(f"\n{'configuration':<24}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MB':>8}"
           f"{'x pass':>8}{'x no-lim':>9}")
     for r in results:
