@@ -116,7 +116,9 @@ async def _demo(rules: str, port: int, admin_port: int, serve_after: bool, env: 
         await script(gw, memory, secret, admin)
         if serve_after:
             token = issue_token("invoice-bot", secret, 3600)
-            _say("\nThe gateway keeps running (Ctrl-C to stop). Try it yourself:")
+            _say("\nThe gateway keeps running (Ctrl-C to stop).")
+            _say(f"Console: {gw.admin_url}/console/  (token: {admin})")
+            _say("Try it yourself:")
             _say(f"  export AGENT_TOKEN={token}")
             _say(f"  curl -s {gw.url}/openai/chat/completions -H \"Authorization: Bearer $AGENT_TOKEN\" "
                  "-H 'content-type: application/json' "
