@@ -60,6 +60,18 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
                    help="seconds between checks of the rules directory for changes; 0 turns watching off (1)")
     p.add_argument("--approval-lease", type=float, default=_env(env, "APPROVAL_LEASE", "15"),
                    help="seconds until a held call whose gateway process died reads as abandoned (Redis; 15)")
+    p.add_argument("--tls-cert", default=_env(env, "TLS_CERT"),
+                   help="PEM certificate (chain) for the agents' port: serve HTTPS (needs --tls-key)")
+    p.add_argument("--tls-key", default=_env(env, "TLS_KEY"), help="PEM private key of --tls-cert")
+    p.add_argument("--client-ca", default=_env(env, "CLIENT_CA"),
+                   help="CA bundle that agents' client certificates are verified against (mTLS)")
+    p.add_argument("--client-cert", choices=("none", "optional", "required"),
+                   default=_env(env, "CLIENT_CERT", "none"),
+                   help="ask agents for a client certificate: none (default), optional, or required (then the "
+                        "certificate alone identifies an agent that sends no JWT)")
+    p.add_argument("--identity-binding", choices=("required", "off"),
+                   default=_env(env, "IDENTITY_BINDING", "required"),
+                   help="required (default): a client certificate and a JWT must name the same agent; off: JWT wins")
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
@@ -73,7 +85,8 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         hold_timeout=args.hold_timeout, drain_timeout=args.drain_timeout, redis_url=args.redis_url,
         store_timeout=args.store_timeout, alert_webhook=args.alert_webhook, workers=args.workers,
         approval_webhook=args.approval_webhook, console_url=args.console_url, approval_lease=args.approval_lease,
-        rules_watch=args.rules_watch,
+        rules_watch=args.rules_watch, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
+        client_cert=args.client_cert, identity_binding=args.identity_binding,
         env=env)
 
 

@@ -38,7 +38,7 @@ async def hold(rt: Runtime, agent: Agent, action: Action, decision: Decision, in
             id=uuid.uuid4().hex, agent=agent.id, upstream=action.upstream, method=incoming.method, path=path,
             verb=action.verb, resource=action.resource, tool=action.tool, rule=decision.rule, reason=decision.reason,
             fingerprint=fingerprint, created_at=now, expires_at=now + (decision.timeout or rt.settings.hold_timeout),
-            evidence=dict(decision.evidence), holder_until=now + store.lease if store.lease else 0.0)
+            evidence=decision.evidence, holder_until=now + store.lease if store.lease else 0.0)
         await store.open(approval)
     except StoreUnavailable as exc:
         raise GatewayError("store_unavailable", "the approvals store is unreachable, so the held call cannot wait "

@@ -108,6 +108,24 @@ class Authenticator:
         self._cache[token] = agent
         return agent
 
+    async def authenticate_peer(self, headers: CIMultiDictProxy[str] | Mapping[str, str], peer: str | None, *,
+                                binding: bool = True, cert_alone: bool = False) -> Agent:
+        """Identify with a verified client certificate's agent id (`peer`) as well as the JWT.
+
+        No certificate: the JWT alone. Both: with `binding`, they must name the same agent. A certificate and no
+        JWT: the certificate alone identifies the agent only when `cert_alone` (client certificates required).
+        """
+        if peer is None:
+            return await self.authenticate(headers)
+        if cert_alone and _one_header(headers, "Authorization") is None and _one_header(headers, "x-api-key") is None:
+            self._check_exists(peer)
+            return Agent(id=peer, claims=MappingProxyType({"sub": peer, "cnf": "x509"}), expires_at=float("inf"))
+        agent = await self.authenticate(headers)
+        if binding and agent.id != peer:
+            raise unauthenticated(f"the client certificate names agent {peer[:128]!r} but the token names "
+                                  f"{agent.id[:128]!r}")
+        return agent
+
     async def verify_admin(self, token: str) -> dict[str, Any]:
         """Verify an admin/approver JWT (audience `agent-gateway-admin`) and return its claims."""
         claims = await self._verify(token, ADMIN_AUDIENCE)

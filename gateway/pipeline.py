@@ -30,6 +30,7 @@ from .policy.decide import decide_each
 from .relay import SETTLING, relay
 from .responses import error_response
 from .runtime import RUNTIME
+from .tls import identify
 from .trace.event import TraceEvent, new_span_id, new_trace_id
 from .tracecontext import parse_traceparent
 
@@ -54,13 +55,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             path = normalise(raw_path)
         except GatewayError:
             # Identity first here too: an anonymous caller learns only that, and the trace names who tried.
-            event.agent = (await rt.authenticator.authenticate(request.headers)).id
+            event.agent = (await identify(request)).id
             raise
         event.path = path
         name, subpath = split_upstream(path)
         upstream = policy.upstreams.get(name)
         kind = upstream.spec.kind if upstream else None
-        agent = await rt.authenticator.authenticate(request.headers)
+        agent = await identify(request)
         event.agent = agent.id
         pause = rt.control.paused(agent.id)
         if pause is not None:
@@ -150,7 +151,7 @@ def decide_all(policy: Policy, agent: AgentPolicy, classified: Classified, incom
     event.stream = action.stream or None
     event.decision, event.rule, event.mode = decision.outcome, decision.rule, decision.mode
     event.reason = decision.reason
-    event.evidence = dict(decision.evidence) or None
+    event.evidence = decision.evidence or None  # shared, never mutated: no copy per call
     if decision.shadow:
         event.shadow = [dict(s) for s in decision.shadow]
     if decision.warnings:

@@ -34,6 +34,7 @@ from .rules_sync import RedisRulesSync, RulesSync
 from .runtime import RUNTIME, Runtime, cut_paused
 from .settings import Settings
 from .staged import StagedCounts
+from .tls import server_context
 from .trace.sinks import FanOut, LineWriter, TraceSink
 from .trace.tail import TAIL, TailHub
 from .webhooks import WebhookPoster
@@ -135,7 +136,8 @@ class RunningGateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.runtime.settings.host}:{self.agents_port}"
+        scheme = "https" if self.runtime.settings.tls_cert else "http"
+        return f"{scheme}://{self.runtime.settings.host}:{self.agents_port}"
 
     @property
     def admin_url(self) -> str:
@@ -167,6 +169,7 @@ def _port(runner: web.AppRunner) -> int:
 
 
 async def start_gateway(settings: Settings, sink: TraceSink | None = None, reuse_port: bool = False) -> RunningGateway:
+    ssl_context = server_context(settings)  # before anything opens: a bad TLS set-up fails fast
     runtime = await build_runtime(settings, sink)
     # handler_cancellation: a held call whose agent hung up must not be forwarded after an approval.
     agents = web.AppRunner(agents_app(runtime), handler_cancellation=True, access_log=None,
@@ -174,7 +177,8 @@ async def start_gateway(settings: Settings, sink: TraceSink | None = None, reuse
     admin = web.AppRunner(make_admin_app(runtime), access_log=None, shutdown_timeout=5)
     await agents.setup()
     await admin.setup()
-    await web.TCPSite(agents, settings.host, settings.port, reuse_port=reuse_port or None).start()
+    await web.TCPSite(agents, settings.host, settings.port, reuse_port=reuse_port or None,
+                      ssl_context=ssl_context).start()
     await web.TCPSite(admin, settings.admin_host, settings.admin_port, reuse_port=reuse_port or None).start()
     return RunningGateway(runtime, agents, admin, _port(agents), _port(admin))
 

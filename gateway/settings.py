@@ -34,6 +34,11 @@ class Settings:
     approval_lease: float = 15.0  # seconds until a held call whose process died reads as abandoned (Redis)
     console_url: str | None = None  # the console's address as approvers reach it (default: the admin listener)
     rules_watch: float = 1.0  # seconds between checks of the rules directory for changes; 0: no watching
+    tls_cert: str | None = None  # PEM certificate (chain) for the agents' port; None: plain HTTP
+    tls_key: str | None = None
+    client_ca: str | None = None  # CA bundle that agents' client certificates are verified against
+    client_cert: str = "none"  # none | optional | required
+    identity_binding: str = "required"  # required: a certificate and a JWT must name the same agent; off
     env: Mapping[str, str] = field(default_factory=dict, repr=False)  # for ${VAR} in rule files
 
 

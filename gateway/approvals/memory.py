@@ -18,12 +18,12 @@ class MemoryApprovals:
         self._items: OrderedDict[str, Approval] = OrderedDict()
         self._by_fingerprint: dict[str, str] = {}
         self._grants: dict[str, Grant] = {}
-        self._waiters: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, asyncio.Future[None]] = {}  # lighter than an Event per held call
 
     async def open(self, approval: Approval) -> None:
         self._items[approval.id] = approval
         self._by_fingerprint[approval.fingerprint] = approval.id
-        self._waiters[approval.id] = asyncio.Event()
+        self._waiters[approval.id] = asyncio.get_running_loop().create_future()
         self._trim()
 
     async def get(self, approval_id: str) -> Approval | None:
@@ -59,8 +59,8 @@ class MemoryApprovals:
             scope = grant_scope(approval.agent, approval.upstream, approval.verb, approval.resource)
             self._grants[scope] = Grant(approval.id, by, approval.remembered_until)
         waiter = self._waiters.get(approval_id)
-        if waiter is not None:
-            waiter.set()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         return approval
 
     async def wait(self, approval: Approval) -> Approval:
@@ -69,7 +69,7 @@ class MemoryApprovals:
             if waiter is not None and approval.status == "pending":
                 # asyncio.timeout, not wait_for: no extra task per held call (10,000 held calls: ~10 MB less)
                 async with asyncio.timeout(max(0.0, approval.expires_at - time.time())):
-                    await waiter.wait()
+                    await waiter  # one waiter per approval (its holder): a cancellation may cancel the future
         except TimeoutError:
             if approval.status == "pending":
                 approval.status = "timeout"
@@ -101,7 +101,8 @@ class MemoryApprovals:
 
     async def close(self) -> None:
         for waiter in self._waiters.values():
-            waiter.set()
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _trim(self) -> None:
         while len(self._items) > _KEEP:

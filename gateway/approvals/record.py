@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
 
@@ -33,7 +34,7 @@ class Approval:
     fingerprint: str  # agent, upstream, method, normalised path, query and body hash: what the approval covers
     created_at: float
     expires_at: float
-    evidence: dict[str, Any] = field(default_factory=dict)
+    evidence: Mapping[str, Any] = field(default_factory=dict)
     status: Status = "pending"
     decided_by: str | None = None
     decided_at: float | None = None
