@@ -72,6 +72,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
     p.add_argument("--identity-binding", choices=("required", "off"),
                    default=_env(env, "IDENTITY_BINDING", "required"),
                    help="required (default): a client certificate and a JWT must name the same agent; off: JWT wins")
+    p.add_argument("--check", action="store_true",
+                   help="validate the flags, keys and rules (as serve would), print a summary and exit; binds no "
+                        "port and connects to nothing (exit 0 valid, 1 rule errors, 2 other errors)")
 
 
 def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
@@ -88,6 +91,72 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
         rules_watch=args.rules_watch, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
         client_cert=args.client_cert, identity_binding=args.identity_binding,
         env=env)
+
+
+def _serve_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`serve --check`: every check serve makes before it opens a port, without opening one or connecting
+    anywhere (the Redis URL's scheme and the JWKS URL's scheme are checked, not dialled)."""
+    from urllib.parse import urlsplit
+
+    from .keys import MIN_SECRET_BYTES, _decode_json, parse_jwks
+    from .server import WORKERS_NEED_REDIS, load_policy
+    from .tls import server_context
+
+    errors: list[str] = []
+    try:
+        settings = settings_from(args, env)
+    except OSError as exc:
+        print(f"agent-gateway serve --check: cannot read a secret file: {exc}", file=sys.stderr)
+        return 2
+    for flag, port in (("--port", settings.port), ("--admin-port", settings.admin_port)):
+        if not 0 <= port <= 65535:
+            errors.append(f"{flag} {port} is not a TCP port")
+    for flag, value in (("--max-body", settings.max_body), ("--workers", settings.workers)):
+        if value < 1:
+            errors.append(f"{flag} must be at least 1")
+    for flag, seconds in (("--hold-timeout", settings.hold_timeout), ("--drain-timeout", settings.drain_timeout),
+                          ("--store-timeout", settings.store_timeout), ("--rules-watch", settings.rules_watch),
+                          ("--approval-lease", settings.approval_lease)):
+        if seconds < 0:
+            errors.append(f"{flag} must not be negative")
+    if settings.jwt_secret is None and not settings.jwks_file and not settings.jwks_url:
+        errors.append("no JWT verification key configured: set AGENT_GATEWAY_JWT_SECRET (HS256), --jwks-file or "
+                      "--jwks-url")
+    elif settings.jwt_secret is not None and len(settings.jwt_secret) < MIN_SECRET_BYTES:
+        errors.append(f"the JWT secret is {len(settings.jwt_secret)} bytes; HS256 needs at least {MIN_SECRET_BYTES}")
+    if settings.jwks_file:
+        try:
+            with open(settings.jwks_file, "rb") as handle:
+                parse_jwks(_decode_json(handle.read(), settings.jwks_file), settings.jwks_file)
+        except (OSError, ValueError) as exc:
+            errors.append(f"--jwks-file: {exc}")
+    for flag, url in (("--jwks-url", settings.jwks_url), ("--alert-webhook", settings.alert_webhook),
+                      ("--approval-webhook", settings.approval_webhook), ("--console-url", settings.console_url)):
+        if url and urlsplit(url).scheme.lower() not in ("http", "https"):
+            errors.append(f"{flag} {url!r} is not an http:// or https:// URL")
+    if settings.redis_url and urlsplit(settings.redis_url).scheme.lower() not in ("redis", "rediss"):
+        errors.append(f"--redis-url scheme {urlsplit(settings.redis_url).scheme!r} is not supported: use redis:// "
+                      "or rediss:// (redis://host:6379/0)")
+    if settings.workers > 1 and not settings.redis_url:
+        errors.append(WORKERS_NEED_REDIS.format(n=settings.workers))
+    try:
+        server_context(settings)
+    except (OSError, ValueError) as exc:
+        errors.append(f"TLS: {exc}")
+    rule_errors: list[str] = []
+    try:
+        policy = load_policy(settings)
+    except RuleSetInvalid as invalid:
+        rule_errors = [str(error) for error in invalid.errors]
+    for error in errors + rule_errors:
+        print(error, file=sys.stderr)
+    if errors or rule_errors:
+        print(f"agent-gateway serve --check: {len(errors) + len(rule_errors)} error(s)", file=sys.stderr)
+        return 2 if errors else 1
+    print(f"config OK: agents on {settings.host}:{settings.port}, admin on {settings.admin_host}:"
+          f"{settings.admin_port}, rules {settings.rules} (policy {policy.version}), "
+          f"store {'redis' if settings.redis_url else 'memory'}, workers {settings.workers}")
+    return 0
 
 
 def _admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser], env: Mapping[str, str]) -> None:
@@ -317,6 +386,8 @@ def _admin(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     env = process_env()
     args = build_parser(env).parse_args(argv)
+    if args.command == "serve" and args.check:
+        return _serve_check(args, env)
     if args.command == "serve":
         from .server import serve, serve_workers
 

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from .errors import StoreUnavailable
 from .redis_calls import bounded
+from .redis_urls import redis_client
 from .redisbus import RedisBus
 
 PAUSED_KEY = "agw:{control}:paused"
@@ -71,8 +71,7 @@ class Control:
 class RedisControl(Control):
     def __init__(self, url: str, timeout: float = 1.0) -> None:
         super().__init__()
-        self._client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      decode_responses=True)
+        self._client = redis_client(url, socket_timeout=timeout, connect_timeout=timeout, decode_responses=True)
         self._bus = RedisBus(url, timeout)
         self._timeout = timeout
         self._refresher: asyncio.Task[None] | None = None

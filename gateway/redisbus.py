@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from .redis_urls import redis_client
 
 
 class RedisBus:
@@ -19,8 +20,9 @@ class RedisBus:
 
     def __init__(self, url: str, connect_timeout: float = 1.0) -> None:
         # No read timeout: a subscription waits for messages indefinitely; health checks PING it instead.
-        self._client = Redis.from_url(url, socket_connect_timeout=connect_timeout, health_check_interval=10,
-                                      decode_responses=True)
+        # On a cluster, PUBLISH reaches every node, so one subscription on any node hears all of it.
+        self._client = redis_client(url, socket_timeout=None, connect_timeout=connect_timeout,
+                                    health_check_interval=10, decode_responses=True)
         self._handlers: dict[str, list[Callable[[str], None]]] = {}
         self.on_reconnect: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None

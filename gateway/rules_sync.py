@@ -13,10 +13,10 @@ from dataclasses import asdict
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
 from .errors import StoreUnavailable
 from .redis_calls import bounded
+from .redis_urls import redis_client
 from .redisbus import RedisBus
 from .reload import Reloader, Served
 
@@ -50,8 +50,7 @@ class RedisRulesSync(RulesSync):
     def __init__(self, reloader: Reloader, spawn: Callable[[Coroutine[Any, Any, Any]], None], url: str,
                  timeout: float) -> None:
         super().__init__(reloader, spawn)
-        self._client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                      decode_responses=True)
+        self._client = redis_client(url, socket_timeout=timeout, connect_timeout=timeout, decode_responses=True)
         self._bus = RedisBus(url, timeout)
         self._timeout = timeout
         self._heartbeat: asyncio.Task[None] | None = None

@@ -209,3 +209,78 @@ def redis_server() -> Iterator[RedisProcess]:
 def redis_url(redis_server: RedisProcess) -> str:
     assert redis_command(redis_server.port, "FLUSHALL") == b"+OK"
     return redis_server.url
+
+
+# -- Redis Cluster: three real masters on loopback, no replicas ----------------------------------------------------
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port + 10000 <= 65535:
+            try:
+                with socket.socket() as bus:
+                    bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterProcesses:
+    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`, each owning a third of the slots."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisProcess(cluster_port()) for _ in range(3)]
+        for node in self.nodes:
+            node.extra_args = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf",
+                               "--cluster-node-timeout", "2000")
+        self.ports = [node.port for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self, ready_within: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed; the Redis Cluster tests need it", pytrace=False)
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + ready_within
+        pending = list(self.ports)
+        while pending:  # bounded: until every node reports the cluster as ok
+            pending = [port for port in pending if b"cluster_state:ok" not in subprocess.run(
+                [cli, "-p", str(port), "cluster", "info"], capture_output=True, timeout=5, check=False).stdout]
+            if pending and time.monotonic() > deadline:
+                pytest.fail(f"redis cluster not ok within {ready_within}s on ports {pending}", pytrace=False)
+            if pending:
+                time.sleep(0.05)  # between polls of CLUSTER INFO only
+
+    def flush(self) -> None:
+        for port in self.ports:
+            assert redis_command(port, "FLUSHALL") == b"+OK"
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """One three-node Redis Cluster for the whole run; tests get it through `redis_cluster_url` (emptied first)."""
+    cluster = RedisClusterProcesses()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterProcesses) -> str:
+    redis_cluster.flush()
+    return redis_cluster.url

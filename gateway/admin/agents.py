@@ -85,38 +85,34 @@ def _trace(rt: Runtime, kind: str, agent: str, by: str, reason: str) -> None:
                             detail={"by": by}))
 
 
-async def pause_agent(request: web.Request) -> web.Response:
+async def _switch(request: web.Request, pause: bool) -> web.Response:
+    """The kill switch: pause (a reason is required) or resume; admins only, traced with who and why."""
     admin = require_role(request, "admin")
     agent = _agent(request)
     if isinstance(agent, web.Response):
         return agent
-    reason = await _reason(request, required=True)
+    reason = await _reason(request, required=pause)
     if isinstance(reason, web.Response):
         return reason
     rt = request.app[RUNTIME]
     try:
-        await rt.control.pause(agent.spec.id, admin.name, reason)
+        if pause:
+            await rt.control.pause(agent.spec.id, admin.name, reason)
+        else:
+            await rt.control.resume(agent.spec.id)
     except StoreUnavailable:
-        return admin_error(503, "store_unavailable", "the control store is unreachable; the agent is NOT paused")
-    _trace(rt, "agent_paused", agent.spec.id, admin.name, reason)
+        still = "NOT paused" if pause else "still paused"
+        return admin_error(503, "store_unavailable", f"the control store is unreachable; the agent is {still}")
+    _trace(rt, "agent_paused" if pause else "agent_resumed", agent.spec.id, admin.name, reason)
     return _json(await card(rt, agent))
+
+
+async def pause_agent(request: web.Request) -> web.Response:
+    return await _switch(request, pause=True)
 
 
 async def resume_agent(request: web.Request) -> web.Response:
-    admin = require_role(request, "admin")
-    agent = _agent(request)
-    if isinstance(agent, web.Response):
-        return agent
-    reason = await _reason(request, required=False)
-    if isinstance(reason, web.Response):
-        return reason
-    rt = request.app[RUNTIME]
-    try:
-        await rt.control.resume(agent.spec.id)
-    except StoreUnavailable:
-        return admin_error(503, "store_unavailable", "the control store is unreachable; the agent is still paused")
-    _trace(rt, "agent_resumed", agent.spec.id, admin.name, reason)
-    return _json(await card(rt, agent))
+    return await _switch(request, pause=False)
 
 
 def add_agent_routes(app: web.Application) -> None:

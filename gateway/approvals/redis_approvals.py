@@ -14,10 +14,11 @@ import time
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from ..errors import StoreUnavailable
 from ..redis_calls import bounded
+from ..redis_urls import redis_client
 from ..redisbus import RedisBus
 from .record import LEASE_SECONDS, RETRY_TTL, Approval, ApprovalConflict, Grant, grant_scope
 
@@ -106,7 +107,8 @@ def _approval(fields: dict[str, str]) -> Approval:
 
 
 class RedisApprovals:
-    def __init__(self, client: Redis, bus: RedisBus, timeout: float = 1.0, lease: float = LEASE_SECONDS) -> None:
+    def __init__(self, client: Redis | RedisCluster, bus: RedisBus, timeout: float = 1.0,
+                 lease: float = LEASE_SECONDS) -> None:
         self.lease = lease
         self._client = client
         self._bus = bus
@@ -121,7 +123,7 @@ class RedisApprovals:
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0, lease: float = LEASE_SECONDS) -> RedisApprovals:
-        client = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True)
+        client = redis_client(url, socket_timeout=timeout, connect_timeout=timeout, decode_responses=True)
         return cls(client, RedisBus(url, timeout), timeout, lease)
 
     def _key(self, approval_id: str) -> str:

@@ -11,15 +11,15 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from ..redis_calls import bounded
+from ..redis_urls import redis_client
 from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
 from .store import (
     BudgetCounter,
@@ -175,7 +175,8 @@ class RedisStore:
     semantics do not change, because every script is atomic on its own.
     """
 
-    def __init__(self, client: Redis, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, client: Redis | RedisCluster, timeout: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._timeout = timeout
         self._clock = clock
@@ -186,16 +187,11 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> RedisStore:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in ("redis+sentinel", "redis+cluster", "rediss+cluster", "rediss+sentinel"):
-            raise ValueError(f"store URL scheme {scheme!r} is not supported yet: use redis:// or rediss://")
-        if scheme not in ("redis", "rediss"):
-            raise ValueError(f"store URL scheme {scheme!r} is not a Redis URL: use redis:// or rediss:// "
-                             "(redis://host:6379/0)")
-        pool = ConnectionPool.from_url(
+        """Any URL that `redis_urls` accepts: one server, TLS, a sentinel-managed master or a cluster."""
+        client = redis_client(
             url,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            connect_timeout=timeout,
             # One immediate retry on a connection error (a pooled connection to a Redis that restarted), on a
             # fresh connection: safe, because a reserve that already ran finds its marker and charges nothing,
             # and a settle applies only while the marker exists. Timeouts are not retried: a store that is
@@ -207,7 +203,7 @@ class RedisStore:
             decode_responses=True,
             driver_info=None,  # no CLIENT SETINFO: one fewer round trip per new connection
         )
-        return cls(Redis.from_pool(pool), timeout, clock)
+        return cls(client, timeout, clock)
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await bounded(what, operation(), self._timeout)
@@ -249,6 +245,12 @@ class RedisStore:
                     future.set_result(reply)
 
     async def _send(self, batch: list[_Queued]) -> list[Any]:
+        if isinstance(self._client, RedisCluster):
+            # A cluster: each script goes to the node of its plan's slot, all of them at once. (Replies come back
+            # as exceptions, not raised, as a pipeline's do with raise_on_error=False.)
+            return list(await asyncio.gather(
+                *(self._client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+                  for name, keys, args, _ in batch), return_exceptions=True))
         # Plain EVALSHA: redis-py's script-aware pipeline would add a SCRIPT EXISTS round trip to every send.
         pipe = self._client.pipeline(transaction=False)
         for name, keys, args, _ in batch:
@@ -301,7 +303,9 @@ class RedisStore:
         keys = [r.key for r in rates] + [b.key for b in budgets]
         if not keys:
             return (), ()
-        values: list[Any] = await self._call("peek", lambda: self._client.mget(keys))
+        client = self._client
+        values: list[Any] = await self._call(
+            "peek", lambda: client.mget_nonatomic(keys) if isinstance(client, RedisCluster) else client.mget(keys))
         tats, totals = values[:len(rates)], values[len(rates):]
         remaining = tuple(_remaining(r, max(float(t) if t else now, now), now)
                           for r, t in zip(rates, tats, strict=True))
@@ -310,7 +314,7 @@ class RedisStore:
     async def close(self) -> None:
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
-        await self._client.aclose()  # the client owns its pool (from_pool), so this disconnects it too
+        await self._client.aclose()  # the client owns its pool (or its nodes), so this disconnects it too
 
 
 def _integer(value: str | int) -> int:
