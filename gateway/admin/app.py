@@ -33,6 +33,8 @@ async def readyz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"ready": rt.ready, "policy_version": rt.policy.version}
     if rt.reloader.last_error is not None:  # still serving the last good version, and saying why not the new one
         body["rules_error"] = rt.reloader.last_error
+    if (trace_error := getattr(rt.sink, "failing", None)) is not None:  # still deciding; the record is at risk
+        body["trace_error"] = trace_error
     return _json(body, 200 if rt.ready else 503)
 
 

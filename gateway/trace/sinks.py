@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
 
@@ -40,6 +42,10 @@ class LineWriter:
         self.on_written = on_written
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._pending: list[bytes] = []  # serialised on the loop, not yet handed to the writer thread
+        self._unwritten = bytearray()  # handed over but refused by the disk: retried every second
+        self.max_unwritten = 64 * 2**20
+        self.dropped = 0  # events given up on since the last successful write
+        self.failing: str | None = None  # why writing fails, while it does (reported by /readyz)
         self._handoff_scheduled = False
         self._stream: IO[bytes] = self._open()
         self._thread = threading.Thread(target=self._run, name="trace-writer", daemon=True)
@@ -79,7 +85,10 @@ class LineWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
+            try:  # while writes fail, wake every second to retry even if nothing new arrives
+                batch = [self._queue.get(timeout=1.0 if self._unwritten else None)]
+            except queue.Empty:
+                batch = [b""]
             while True:  # drain what is queued, then write it in one go
                 try:
                     batch.append(self._queue.get_nowait())
@@ -88,20 +97,56 @@ class LineWriter:
             if batch[-1] is None:
                 stopping = True
             data = b"".join(line for line in batch if line is not None)
-            if data:
+            if data or self._unwritten:
                 self._write(data)
-                if self.on_written is not None:
-                    self.on_written(data)
         if self.target != "-":
             self._stream.close()
         else:
             self._stream.flush()
 
     def _write(self, data: bytes) -> None:
-        self._stream.write(data)
-        self._stream.flush()
-        if self.target != "-" and self._stream.tell() >= self.max_bytes:
-            self._rotate()
+        """Write what is pending; if the disk (or pipe) refuses, keep it (bounded) and retry, never die."""
+        pending = bytes(self._unwritten) + data
+        if not self._try_write(pending):
+            return
+        self._unwritten = bytearray()
+        if self.on_written is not None and data:
+            self.on_written(data)
+        if self.failing is not None:  # writing works again: say what was lost meanwhile, if anything
+            self.failing = None
+            if self.dropped and self._try_write(self._dropped_record()):
+                self.dropped = 0
+
+    def _try_write(self, pending: bytes) -> bool:
+        try:
+            if self._stream.closed:
+                self._stream = self._open()
+            self._stream.write(pending)
+            self._stream.flush()
+            if self.target != "-" and self._stream.tell() >= self.max_bytes:
+                self._rotate()
+        except (OSError, ValueError) as exc:
+            self._keep(pending, exc)
+            return False
+        return True
+
+    def _keep(self, pending: bytes, exc: Exception) -> None:
+        if self.failing is None:
+            print(f"agent-gateway: cannot write the trace to {self.target} ({exc}); keeping up to "
+                  f"{self.max_unwritten // 2**20} MiB and retrying every second", file=sys.stderr, flush=True)
+        self.failing = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.close()
+        if len(pending) > self.max_unwritten:  # drop the oldest whole lines, and count them
+            cut = pending.index(b"\n", len(pending) - self.max_unwritten) + 1
+            self.dropped += pending.count(b"\n", 0, cut)
+            pending = pending[cut:]
+        self._unwritten = bytearray(pending)
+
+    def _dropped_record(self) -> bytes:
+        return orjson.dumps({"ts": time.time(), "kind": "trace_dropped", "count": self.dropped,
+                             "reason": "the trace could not be written and the backlog was full"},
+                            option=orjson.OPT_APPEND_NEWLINE)
 
     def _rotate(self) -> None:
         self._stream.close()
@@ -147,6 +192,11 @@ class FanOut:
 
     def __init__(self, *sinks: TraceSink) -> None:
         self.sinks = sinks
+
+    @property
+    def failing(self) -> str | None:
+        """Why the trace record cannot be written right now, if it cannot."""
+        return next((f for sink in self.sinks if (f := getattr(sink, "failing", None))), None)
 
     def emit(self, event: TraceEvent) -> None:
         for sink in self.sinks:

@@ -197,3 +197,37 @@ async def test_line_writer_close_flushes_a_batch_not_yet_handed_over(tmp_path: P
     writer.emit(event(7))
     writer.close()  # before the loop ran the hand-off
     assert [int(r["trace_id"], 16) for r in read_lines(target)] == [7]
+
+
+def test_line_writer_survives_a_full_disk_and_says_what_it_dropped(tmp_path: Path) -> None:
+    target = tmp_path / "trace.jsonl"
+    writer = LineWriter(str(target))  # its thread idles in get(): the test drives the writes itself
+    line = orjson.dumps(event(0).to_dict(), option=orjson.OPT_APPEND_NEWLINE)
+    writer.max_unwritten = 2 * len(line) + 10  # room for two events
+    real_open = writer._open
+    full = {"on": True}
+
+    class Full:
+        closed = False
+
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None:
+            self.closed = True
+
+    writer._open = lambda: Full() if full["on"] else real_open()  # type: ignore[method-assign]
+    writer._stream.close()  # the next write reopens: onto the "full disk"
+    for n in range(5):
+        writer._write(orjson.dumps(event(n).to_dict(), option=orjson.OPT_APPEND_NEWLINE))
+    assert writer.failing is not None and "No space left" in writer.failing
+    assert writer.dropped == 3  # two fit in the backlog, the three oldest were given up
+    full["on"] = False  # space again
+    writer._write(orjson.dumps(event(5).to_dict(), option=orjson.OPT_APPEND_NEWLINE))
+    writer.close()
+    records = [orjson.loads(raw) for raw in target.read_bytes().splitlines()]
+    assert [int(r["trace_id"], 16) for r in records if "trace_id" in r] == [3, 4, 5]
+    assert [(r["kind"], r["count"]) for r in records if r.get("kind") == "trace_dropped"] == [("trace_dropped", 3)]
+    assert writer.failing is None
