@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
+from redis.asyncio import RedisCluster
 
 from .errors import StoreUnavailable
 from .redis_calls import bounded
@@ -105,18 +106,25 @@ class RedisControl(Control):
 
     async def pause(self, agent: str, by: str, reason: str) -> Pause:
         pause = Pause(by, reason, time.time())
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hset(PAUSED_KEY, agent, orjson.dumps(pause.public()).decode())
-        pipe.publish(CHANNEL, agent)
-        await self._call("pause agent", pipe.execute())
+        record = orjson.dumps(pause.public()).decode()
+        await self._write("pause agent", lambda pipe: pipe.hset(PAUSED_KEY, agent, record), agent)
         self._apply(agent, pause)
         return pause
 
-    async def resume(self, agent: str) -> None:
+    async def _write(self, what: str, change: Callable[[Any], object], agent: str) -> None:
+        """The change and its announcement in one transaction; on a cluster (where a pipeline cannot PUBLISH) the
+        announcement follows the change, which every replica's re-read then sees."""
         pipe = self._client.pipeline(transaction=True)
-        pipe.hdel(PAUSED_KEY, agent)
+        change(pipe)
+        if isinstance(self._client, RedisCluster):
+            await self._call(what, pipe.execute())
+            await self._call(what, self._client.publish(CHANNEL, agent))
+            return
         pipe.publish(CHANNEL, agent)
-        await self._call("resume agent", pipe.execute())
+        await self._call(what, pipe.execute())
+
+    async def resume(self, agent: str) -> None:
+        await self._write("resume agent", lambda pipe: pipe.hdel(PAUSED_KEY, agent), agent)
         self._apply(agent, None)
 
     async def close(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from .redis_urls import redis_client
@@ -45,8 +46,11 @@ class RedisBus:
         delay = 0.1
         first = True
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                if isinstance(self._client, RedisCluster):
+                    await self._client.initialize()  # the slot map, from which the pub/sub picks its node
+                pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*self._handlers)
                 self._ready.set()
                 if not first:
@@ -61,8 +65,9 @@ class RedisBus:
                 await asyncio.sleep(delay)  # back off while Redis is away
                 delay = min(delay * 2, 2.0)
             finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
     async def close(self) -> None:
         if self._task is not None:
