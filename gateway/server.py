@@ -89,6 +89,7 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
                     if settings.redis_url else RulesSync(reloader, runtime.spawn))
     runtime_ref.append(runtime)
     control.listeners.append(lambda agent, pause: cut_paused(runtime, agent, pause))
+    await store.start()
     await control.start()
     await runtime.sync.start()
     reloader.watch(settings.rules_watch)

@@ -133,6 +133,9 @@ class MemoryStore:
         used = tuple(int(self._get(b.key, now) or 0) for b in budgets)
         return remaining, used
 
+    async def start(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

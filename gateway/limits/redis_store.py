@@ -7,6 +7,7 @@ exactly. Every key of a plan shares the agent's `{agent}` hash tag (plan.py), wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -310,6 +311,13 @@ class RedisStore:
         remaining = tuple(_remaining(r, max(float(t) if t else now, now), now)
                           for r, t in zip(rates, tats, strict=True))
         return remaining, tuple(_integer(v) if v else 0 for v in totals)
+
+    async def start(self) -> None:
+        """A cluster client learns the slot map once here, not in a race among the first calls' coroutines."""
+        if isinstance(self._client, RedisCluster):
+            with contextlib.suppress(RedisError, OSError, TimeoutError):  # down now: the first call retries
+                async with asyncio.timeout(self._timeout):
+                    await self._client.initialize()
 
     async def close(self) -> None:
         if self._flushes:
