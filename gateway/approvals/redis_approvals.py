@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError
 
 from ..errors import StoreUnavailable
 from ..redis_calls import bounded
@@ -113,9 +115,7 @@ class RedisApprovals:
         self._client = client
         self._bus = bus
         self._timeout = timeout
-        self._decide = client.register_script(DECIDE)
-        self._settle_pending = client.register_script(SETTLE_PENDING)
-        self._reuse = client.register_script(REUSE)
+        self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in (DECIDE, SETTLE_PENDING, REUSE)}
         self._wakers: dict[str, asyncio.Event] = {}  # approvals this process holds -> woken on a decision
         self._lease_task: asyncio.Task[None] | None = None
         bus.subscribe(CHANNEL, self._decided)
@@ -131,6 +131,14 @@ class RedisApprovals:
 
     async def _call(self, what: str, operation: Any) -> Any:
         return await bounded(what, operation, self._timeout)
+
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, and on NOSCRIPT the script itself: EVAL goes to the node that owns the keys (on a cluster,
+        redis-py's own retry may load the script on another node and fail again)."""
+        try:
+            return await self._client.evalsha(self._shas[script], len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._client.eval(script, len(keys), *keys, *args)
 
     def _decided(self, approval_id: str) -> None:
         waker = self._wakers.get(approval_id)
@@ -193,7 +201,7 @@ class RedisApprovals:
         grant_key = f"{PREFIX}:grant:{grant_scope(record.agent, record.upstream, record.verb, record.resource)}"
         args = [time.time(), "1" if approve else "0", by, reason or "", category or "", remember_for or 0, RETRY_TTL,
                 approval_id]
-        reply = await self._call("decide approval", self._decide(
+        reply = await self._call("decide approval", self._run(DECIDE,
             keys=[self._key(approval_id), f"{PREFIX}:open", grant_key], args=args))
         if reply[0] == "missing":
             raise KeyError(approval_id)
@@ -220,7 +228,7 @@ class RedisApprovals:
                     if current is not None and current.status != "pending":
                         return current
             with contextlib.suppress(StoreUnavailable):
-                await self._call("time out approval", self._settle_pending(
+                await self._call("time out approval", self._run(SETTLE_PENDING,
                     keys=[self._key(approval.id), f"{PREFIX}:open"], args=["timeout", approval.id]))
                 current = await self.get(approval.id)
                 if current is not None and current.status != "pending":
@@ -231,11 +239,11 @@ class RedisApprovals:
             self._wakers.pop(approval.id, None)
 
     async def abandon(self, approval_id: str) -> None:
-        await self._call("abandon approval", self._settle_pending(
+        await self._call("abandon approval", self._run(SETTLE_PENDING,
             keys=[self._key(approval_id), f"{PREFIX}:open"], args=["abandoned", approval_id]))
 
     async def reuse(self, fingerprint: str) -> Approval | None:
-        approval_id = await self._call("reuse approval", self._reuse(
+        approval_id = await self._call("reuse approval", self._run(REUSE,
             keys=[f"{PREFIX}:fp:{fingerprint}"], args=[time.time(), PREFIX]))
         return await self.get(approval_id) if approval_id else None
 
