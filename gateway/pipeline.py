@@ -85,7 +85,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         event.capture = agent_policy.capturer.record_incoming(path, incoming)  # denied calls too, for replay
         if decision.outcome == "deny":
             raise GatewayError("policy_denied", decision.reason, rule=decision.rule)
-        call = fingerprint(agent.id, action.upstream, incoming)
+        # The request's fingerprint (a hash of its body) is needed only by loop detection and by a hold.
+        needs_fingerprint = decision.outcome == "hold" or agent_policy.spec.loop_detection is not None
+        call = fingerprint(agent.id, action.upstream, incoming) if needs_fingerprint else ""
         reservation = await reserve(rt.store, agent_policy.planner, action, upstream.spec, call, event, rt.settler)
         stage = "hold"
         try:
