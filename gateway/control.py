@@ -78,8 +78,11 @@ class RedisControl(Control):
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Subscribed first, then read: a change made in between is heard, not left to the next re-read."""
         self._bus.subscribe(CHANNEL, lambda _agent: self._refresh_soon())
-        with contextlib.suppress(StoreUnavailable):  # Redis down at start: the refresher keeps trying
+        with contextlib.suppress(StoreUnavailable):  # Redis down at start: the bus and the refresher keep trying
+            await self._bus.ready(self._timeout)
+        with contextlib.suppress(StoreUnavailable):
             await self._refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_every_second())
 
@@ -107,24 +110,25 @@ class RedisControl(Control):
     async def pause(self, agent: str, by: str, reason: str) -> Pause:
         pause = Pause(by, reason, time.time())
         record = orjson.dumps(pause.public()).decode()
-        await self._write("pause agent", lambda pipe: pipe.hset(PAUSED_KEY, agent, record), agent)
+        await self._write("pause agent", ("HSET", PAUSED_KEY, agent, record), agent)
         self._apply(agent, pause)
         return pause
 
-    async def _write(self, what: str, change: Callable[[Any], object], agent: str) -> None:
-        """The change and its announcement in one transaction; on a cluster (where a pipeline cannot PUBLISH) the
-        announcement follows the change, which every replica's re-read then sees."""
-        pipe = self._client.pipeline(transaction=True)
-        change(pipe)
+    async def _write(self, what: str, change: tuple[str, ...], agent: str) -> None:
+        """The change (one command) and its announcement in one transaction. On a cluster the announcement follows
+        the change, which every replica's re-read then sees: PUBLISH has no slot to join a MULTI, and redis-py's
+        cluster MULTI queues each command on a throwaway event loop in a thread, leaving connections bound to it."""
         if isinstance(self._client, RedisCluster):
-            await self._call(what, pipe.execute())
+            await self._call(what, self._client.execute_command(*change))
             await self._call(what, self._client.publish(CHANNEL, agent))
             return
+        pipe = self._client.pipeline(transaction=True)
+        pipe.execute_command(*change)
         pipe.publish(CHANNEL, agent)
         await self._call(what, pipe.execute())
 
     async def resume(self, agent: str) -> None:
-        await self._write("resume agent", lambda pipe: pipe.hdel(PAUSED_KEY, agent), agent)
+        await self._write("resume agent", ("HDEL", PAUSED_KEY, agent), agent)
         self._apply(agent, None)
 
     async def close(self) -> None:

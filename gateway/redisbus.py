@@ -9,6 +9,7 @@ from collections.abc import Callable
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
+from .errors import StoreUnavailable
 from .redis_urls import redis_client
 
 
@@ -35,9 +36,13 @@ class RedisBus:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def ready(self, limit: float = 5.0) -> None:
-        """Until the subscription is live (so a message published after this is heard)."""
-        async with asyncio.timeout(limit):
-            await self._ready.wait()
+        """Until the subscription is live (so a message published after this is heard); `StoreUnavailable` if it
+        is not within `limit` seconds (it keeps trying in the background)."""
+        try:
+            async with asyncio.timeout(limit):
+                await self._ready.wait()
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis subscription: not live within {limit:g}s") from exc
 
     async def publish(self, channel: str, message: str) -> None:
         await self._client.publish(channel, message)

@@ -58,8 +58,8 @@ class RedisRulesSync(RulesSync):
     async def start(self) -> None:
         self._bus.subscribe(CHANNEL, self._heard)
         self.reloader.on_swap.append(lambda _served: self.spawn(self._report()))
-        with contextlib.suppress(StoreUnavailable):
-            await self._bus.ready()
+        with contextlib.suppress(StoreUnavailable):  # Redis down at start: serve, and subscribe when it is back
+            await self._bus.ready(self._timeout)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     def _heard(self, raw: str) -> None:

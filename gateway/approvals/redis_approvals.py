@@ -1,9 +1,10 @@
 """Approvals in Redis, shared by every replica: any admin API decides, the holding replica wakes at once.
 
 Records are hashes (exact numbers; Redis's cjson would round timestamps), all under the `{approvals}` hash tag so
-each transition is one atomic script. Decisions are published; holders also re-read every few seconds, in case a
-message was lost while the subscription was down. Holders renew a lease on what they hold, so an approval whose
-holder died reads as `abandoned`.
+each transition, opening included, is one atomic script (never a MULTI: redis-py's cluster client queues each of
+its commands on a throwaway event loop in a thread). Decisions are published; holders also re-read every few
+seconds, in case a message was lost while the subscription was down. Holders renew a lease on what they hold, so
+an approval whose holder died reads as `abandoned`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ KEEP = 10_000  # the history index keeps the newest this many
 SAFETY_REREAD = 5.0  # seconds between re-reads while waiting, in case a published decision was missed
 
 _FLOATS = {"created_at", "expires_at", "decided_at", "remembered_until", "holder_until", "retry_until"}
+
+# KEYS: record, history index, open index, fingerprint key. ARGV: id, created_at, retention ms, keep, fingerprint
+# ttl ms, then the record's field/value pairs.
+OPEN = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[5])
+return 1
+"""
 
 # KEYS: record, open index, grant key. ARGV: now, approve (1|0), by, reason, category, remember_for, retry_ttl, id.
 DECIDE = """
@@ -115,7 +128,8 @@ class RedisApprovals:
         self._client = client
         self._bus = bus
         self._timeout = timeout
-        self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in (DECIDE, SETTLE_PENDING, REUSE)}
+        scripts = (OPEN, DECIDE, SETTLE_PENDING, REUSE)
+        self._shas = {script: hashlib.sha1(script.encode()).hexdigest() for script in scripts}
         self._wakers: dict[str, asyncio.Event] = {}  # approvals this process holds -> woken on a decision
         self._lease_task: asyncio.Task[None] | None = None
         bus.subscribe(CHANNEL, self._decided)
@@ -152,17 +166,12 @@ class RedisApprovals:
     # -- the protocol --------------------------------------------------------------------------------------------
     async def open(self, approval: Approval) -> None:
         self._wakers[approval.id] = asyncio.Event()
-        pipe = self._client.pipeline(transaction=True)
-        key = self._key(approval.id)
-        pipe.hset(key, mapping=_fields(approval))
-        pipe.pexpire(key, RETENTION_MS)
-        pipe.zadd(f"{PREFIX}:index", {approval.id: approval.created_at})
-        pipe.zremrangebyrank(f"{PREFIX}:index", 0, -KEEP - 1)
-        pipe.zadd(f"{PREFIX}:open", {approval.id: approval.created_at})
-        pipe.set(f"{PREFIX}:fp:{approval.fingerprint}", approval.id,
-                 px=int((approval.expires_at - approval.created_at + RETRY_TTL) * 1000) + 1)
+        keys = [self._key(approval.id), f"{PREFIX}:index", f"{PREFIX}:open", f"{PREFIX}:fp:{approval.fingerprint}"]
+        fingerprint_ttl = int((approval.expires_at - approval.created_at + RETRY_TTL) * 1000) + 1
+        fields = [item for pair in _fields(approval).items() for item in pair]
         try:
-            await self._call("open approval", pipe.execute())
+            await self._call("open approval", self._run(OPEN, keys=keys, args=[
+                approval.id, repr(approval.created_at), RETENTION_MS, KEEP, fingerprint_ttl, *fields]))
         except StoreUnavailable:
             self._wakers.pop(approval.id, None)
             raise

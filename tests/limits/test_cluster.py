@@ -17,7 +17,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
 from gateway.approvals.redis_approvals import RedisApprovals
-from gateway.control import RedisControl
+from gateway.control import REFRESH_SECONDS, RedisControl
 from gateway.limits.plan import agent_tag
 from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import BudgetCounter, Plan, RateCounter, Refusal, Reservation
@@ -149,16 +149,31 @@ async def test_control_pause_reaches_another_replica_on_a_cluster(redis_cluster_
     second.listeners.append(lambda agent, pause: heard.set() if agent == "bot" and pause else None)
     try:
         await first.start()
-        await second.start()
-        await second._bus.ready()
+        await second.start()  # subscribed once started
         await first.pause("bot", "ops", "test")
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(REFRESH_SECONDS / 2):  # told at once: before the first periodic re-read
             await heard.wait()
         assert second.paused("bot") is not None
         await first.resume("bot")
     finally:
         await first.close()
         await second.close()
+
+
+async def test_control_pause_as_its_clients_first_call_is_seen_by_another_replica_on_a_cluster(
+        redis_cluster_url: str) -> None:
+    # The writer's cluster client learns the slot map on the pause itself (as after Redis was down at start, or
+    # after a failover): a cluster MULTI did that on a throwaway event loop, and closing then failed.
+    writer, reader = RedisControl(redis_cluster_url, 5.0), RedisControl(redis_cluster_url, 5.0)
+    try:
+        await writer.pause("bot", "ops", "before any read")
+        await reader.start()
+        paused = reader.paused("bot")
+        assert paused is not None and (paused.by, paused.reason) == ("ops", "before any read")
+        await writer.resume("bot")
+    finally:
+        await writer.close()
+        await reader.close()
 
 
 async def test_approvals_open_and_list_on_a_cluster(redis_cluster_url: str) -> None:
