@@ -7,7 +7,6 @@ import contextlib
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -27,6 +26,7 @@ from .policy.spec import UpstreamSpec
 from .runtime import Runtime
 from .toolfilter import filter_tools
 from .trace.event import TraceEvent
+from .upstream_client import UpstreamResponse
 
 SMALL_ANSWER = 64 * 1024  # bytes: an answer up to this size with a Content-Length is sent in one write
 
@@ -41,9 +41,9 @@ async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: Ag
     body, hide_usage = rewrite(action, incoming.path, reservation)
     traceparent = f"00-{event.trace_id}-{event.span_id}-{trace_flags}"
     headers = forward.upstream_headers(request.headers, spec, traceparent)
-    url = forward.target_url(spec, incoming.path, query)
+    target = forward.request_target(upstream.origin, incoming.path, query)
     sent = time.perf_counter()
-    upstream_response = await forward.send(rt.session, spec, incoming.method, url, headers,
+    upstream_response = await forward.send(rt.upstreams, upstream, incoming.method, target, headers,
                                            incoming.body if body is None else body)
     event.upstream_ms = round((time.perf_counter() - sent) * 1000, 3)
     async with upstream_response:
@@ -130,7 +130,7 @@ def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> Usage 
     return usage
 
 
-async def _filtered_tools(upstream_response: aiohttp.ClientResponse, name: str, agent: AgentPolicy,
+async def _filtered_tools(upstream_response: UpstreamResponse, name: str, agent: AgentPolicy,
                           ids: tuple[Any, ...], headers: CIMultiDict[str], content_type: str,
                           upstream: Upstream) -> web.Response:
     """`tools/list` answers are small: read whole, keep only the tools this agent may call."""

@@ -25,6 +25,7 @@ from .staged import StagedCounts
 from .trace.event import TraceEvent
 from .trace.sinks import TraceSink
 from .trace.tail import TailHub
+from .upstream_client import UpstreamPool
 from .webhooks import WebhookPoster
 
 
@@ -34,7 +35,8 @@ class Runtime:
     policy: Policy  # swapped whole on reload; each request pins the one it started with
     authenticator: Authenticator
     approvals: ApprovalStore
-    session: aiohttp.ClientSession
+    session: aiohttp.ClientSession  # JWKS, webhooks: not the upstream calls
+    upstreams: UpstreamPool  # the agents' calls to their upstreams
     sink: TraceSink
     store: Store
     settler: Settler

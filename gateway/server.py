@@ -37,6 +37,7 @@ from .staged import StagedCounts
 from .tls import server_context
 from .trace.sinks import FanOut, LineWriter, TraceSink
 from .trace.tail import TAIL, TailHub
+from .upstream_client import UpstreamPool
 from .webhooks import WebhookPoster
 
 
@@ -81,7 +82,8 @@ async def build_runtime(settings: Settings, sink: TraceSink | None = None) -> Ru
                         lambda new: setattr(swap_into[0], "policy", new))
     reloader.started(policy)
     runtime = Runtime(settings=settings, policy=policy, authenticator=authenticator, approvals=open_approvals(settings),
-                      session=session, sink=sink, store=store, settler=Settler(store, sink, on_settled),
+                      session=session, upstreams=UpstreamPool(), sink=sink, store=store,
+                      settler=Settler(store, sink, on_settled),
                       alerts=alerts, control=control, tail=tail, metrics=metrics, staged=staged,
                       reloader=reloader, sync=RulesSync(reloader, lambda c: None))
     swap_into.append(runtime)
@@ -160,6 +162,7 @@ class RunningGateway:
         await self.runtime.alerts.close()
         await self.runtime.store.close()
         await self.runtime.session.close()
+        await self.runtime.upstreams.close()
         self.runtime.sink.close()
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.forward import HOP_BY_HOP, response_headers, target_url, upstream_headers
+from gateway.errors import GatewayError
+from gateway.forward import HOP_BY_HOP, request_head, request_target, response_headers, upstream_headers
 from gateway.policy.spec import CredentialSpec, Loc, UpstreamSpec
+from gateway.upstream_client import Origin
 
 LOC = Loc("test", 1, 1)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -145,38 +147,80 @@ def test_response_headers_drop_headers_named_in_connection() -> None:
     assert list(out.items()) == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
 
 
-# -- target_url --------------------------------------------------------------------------------------------------
+# -- the upstream URL: origin and request target ----------------------------------------------------------------
 
 
-def test_target_url_appends_the_path_below_the_upstream() -> None:
-    assert str(target_url(spec(), "/chat/completions", "")) == "https://api.openai.com/v1/chat/completions"
-    erp = spec("http://erp.internal:9000")
-    assert str(target_url(erp, "/vendors/42", "")) == "http://erp.internal:9000/vendors/42"
+def url(base: str, path: str, query: str = "") -> str:
+    """The URL a request goes to, as scheme://Host-header + request target."""
+    origin = Origin.of(base)
+    return f"{'https' if origin.tls else 'http'}://{origin.host_header}{request_target(origin, path, query)}"
 
 
-def test_target_url_root_path_keeps_one_slash() -> None:
-    assert str(target_url(spec(), "/", "")) == "https://api.openai.com/v1/"
-    assert str(target_url(spec("http://erp.internal:9000"), "/", "")) == "http://erp.internal:9000/"
+def test_target_appends_the_path_below_the_upstream() -> None:
+    assert url("https://api.openai.com/v1", "/chat/completions") == "https://api.openai.com/v1/chat/completions"
+    assert url("http://erp.internal:9000", "/vendors/42") == "http://erp.internal:9000/vendors/42"
 
 
-def test_target_url_keeps_the_query_raw() -> None:
-    url = target_url(spec("http://erp.internal"), "/vendors", "q=a+b&x=%2F%3F&x=2&empty=&flag")
-    assert str(url) == "http://erp.internal/vendors?q=a+b&x=%2F%3F&x=2&empty=&flag"
-    assert url.raw_query_string == "q=a+b&x=%2F%3F&x=2&empty=&flag"
+def test_target_root_path_keeps_one_slash() -> None:
+    assert url("https://api.openai.com/v1", "/") == "https://api.openai.com/v1/"
+    assert url("https://api.openai.com/v1/", "/") == "https://api.openai.com/v1/"
+    assert url("http://erp.internal:9000", "/") == "http://erp.internal:9000/"
 
 
-def test_target_url_keeps_the_normalised_path_encoding() -> None:
-    url = target_url(spec("http://erp.internal"), "/vendors/a%20b/%C3%BC/%3F/%252e", "")
-    assert url.raw_path == "/vendors/a%20b/%C3%BC/%3F/%252e"
+def test_target_of_a_url_with_a_trailing_slash_has_no_double_slash() -> None:
+    assert url("https://api.openai.com/v1/", "/chat/completions") == "https://api.openai.com/v1/chat/completions"
 
 
-def test_target_url_keeps_trailing_slash() -> None:
-    assert str(target_url(spec(), "/models/", "")) == "https://api.openai.com/v1/models/"
+def test_target_keeps_the_query_raw() -> None:
+    assert (url("http://erp.internal", "/vendors", "q=a+b&x=%2F%3F&x=2&empty=&flag")
+            == "http://erp.internal/vendors?q=a+b&x=%2F%3F&x=2&empty=&flag")
 
 
-def test_target_url_for_anthropic_without_v1_in_the_url() -> None:
-    url = target_url(spec("https://api.anthropic.com"), "/v1/messages", "beta=true")
-    assert str(url) == "https://api.anthropic.com/v1/messages?beta=true"
+def test_target_keeps_the_normalised_path_encoding() -> None:
+    assert (request_target(Origin.of("http://erp.internal"), "/vendors/a%20b/%C3%BC/%3F/%252e", "")
+            == "/vendors/a%20b/%C3%BC/%3F/%252e")
+
+
+def test_target_keeps_trailing_slash() -> None:
+    assert url("https://api.openai.com/v1", "/models/") == "https://api.openai.com/v1/models/"
+
+
+def test_target_for_anthropic_without_v1_in_the_url() -> None:
+    assert url("https://api.anthropic.com", "/v1/messages", "beta=true") == "https://api.anthropic.com/v1/messages?beta=true"
+
+
+@pytest.mark.parametrize(("base", "host", "port", "tls", "header"), [
+    ("https://api.openai.com/v1", "api.openai.com", 443, True, "api.openai.com"),
+    ("http://erp.internal", "erp.internal", 80, False, "erp.internal"),
+    ("http://127.0.0.1:9000/x", "127.0.0.1", 9000, False, "127.0.0.1:9000"),
+    ("https://[::1]:8443", "::1", 8443, True, "[::1]:8443"),
+    ("https://host:443", "host", 443, True, "host"),
+])
+def test_origin_of_a_url(base: str, host: str, port: int, tls: bool, header: str) -> None:
+    origin = Origin.of(base)
+    assert (origin.host, origin.port, origin.tls, origin.host_header) == (host, port, tls, header)
+
+
+# -- the request head --------------------------------------------------------------------------------------------
+
+
+def test_request_head_is_the_request_line_host_headers_and_length() -> None:
+    head = request_head("POST", "/v1/chat?x=1", "api.openai.com", CIMultiDict([("X-A", "1"), ("X-A", "2")]), 12)
+    assert head == (b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: api.openai.com\r\nX-A: 1\r\nX-A: 2\r\n"
+                    b"Content-Length: 12\r\n\r\n")
+
+
+def test_request_head_without_a_body_has_no_length() -> None:
+    assert request_head("GET", "/", "h", CIMultiDict(), None) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\0b"])
+def test_request_head_refuses_a_value_that_would_split_the_head(value: str) -> None:
+    with pytest.raises(GatewayError) as caught:
+        request_head("GET", "/", "h", CIMultiDict([("X-Token", value)]), None)
+    assert caught.value.type == "bad_request"
+    with pytest.raises(GatewayError):
+        request_head("GET", "/x" + value, "h", CIMultiDict(), None)
 
 
 def test_response_headers_keep_content_encoding_of_undecoded_body():

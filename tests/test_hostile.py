@@ -670,7 +670,7 @@ async def test_closed_upstream_port_is_upstream_error(local_stack: Stack, http: 
         body = await response.json()
         trace_id = response.headers[TRACE_HEADER]
         assert response.status == 502
-    message = "upstream 'closed' failed: ClientConnectorError"
+    message = "upstream 'closed' failed: cannot connect (connection refused)"
     assert body == {"error": error_body("upstream_error", message, trace_id)}
     event = await traced(local_stack, trace_id)
     assert (event["agent"], event["upstream"], event["decision"], event["error"], event["status"]) == (

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..capture import Capturer
 from ..classify.http import RouteTable, compile_routes
 from ..limits.plan import Planner
+from ..upstream_client import Origin
 from .conditions import Condition, ConditionError, compile_condition
 from .spec import AgentSpec, RuleError, RuleSet, RuleSetInvalid, RuleSpec, UpstreamSpec
 
@@ -68,6 +69,7 @@ class AgentPolicy:
 class Upstream:
     spec: UpstreamSpec
     routes: RouteTable | None
+    origin: Origin  # where its url sends requests, worked out once
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +135,7 @@ def compile_policy(ruleset: RuleSet, default_hold_timeout: float = DEFAULT_HOLD_
     if errors:
         raise RuleSetInvalid(errors)
     upstreams = {
-        name: Upstream(spec, compile_routes(spec.routes) if spec.kind == "http" else None)
+        name: Upstream(spec, compile_routes(spec.routes) if spec.kind == "http" else None, Origin.of(spec.url))
         for name, spec in ruleset.upstreams.items()
     }
     return Policy(ruleset.version, upstreams, agents, ruleset, default_hold_timeout)

@@ -56,6 +56,15 @@ class CredentialSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsSpec:
+    """An https upstream's own trust and identity: a CA bundle to verify it with, a client certificate for it."""
+
+    ca_file: str | None = None  # PEM bundle; None: the system's trusted CAs
+    cert_file: str | None = None  # PEM client certificate (chain) presented to the upstream
+    key_file: str | None = None  # its private key; None: in cert_file
+
+
+@dataclass(frozen=True, slots=True)
 class PriceSpec:
     input_per_mtok: float
     output_per_mtok: float
@@ -96,6 +105,7 @@ class UpstreamSpec:
     loc: Loc
     # When the limits store is unreachable: `deny` (fail closed, the default) or `allow` (traced as such).
     on_store_error: Literal["deny", "allow"] = "deny"
+    tls: UpstreamTlsSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
