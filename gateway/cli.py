@@ -45,7 +45,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], env:
     p.add_argument("--drain-timeout", type=float, default=_env(env, "DRAIN_TIMEOUT", "30"),
                    help="seconds SIGTERM waits for in-flight calls (30)")
     p.add_argument("--redis-url", default=_env(env, "REDIS_URL"),
-                   help="shared store for limits (redis:// or rediss://); none: in-memory, one process")
+                   help="shared store for limits, approvals and the kill switch (redis://, rediss://, "
+                        "redis+sentinel://, redis+cluster://, rediss+cluster://); none: in-memory, one process")
     p.add_argument("--store-timeout", type=float, default=_env(env, "STORE_TIMEOUT", "1"),
                    help="seconds any store operation may take before the call fails closed (1)")
     p.add_argument("--alert-webhook", default=_env(env, "ALERT_WEBHOOK"),
@@ -95,10 +96,11 @@ def settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
 
 def _serve_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`serve --check`: every check serve makes before it opens a port, without opening one or connecting
-    anywhere (the Redis URL's scheme and the JWKS URL's scheme are checked, not dialled)."""
+    anywhere (the Redis URL is parsed and the JWKS URL's scheme checked; neither is dialled)."""
     from urllib.parse import urlsplit
 
     from .keys import MIN_SECRET_BYTES, _decode_json, parse_jwks
+    from .redis_urls import redis_client
     from .server import WORKERS_NEED_REDIS, load_policy
     from .tls import server_context
 
@@ -134,9 +136,12 @@ def _serve_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                       ("--approval-webhook", settings.approval_webhook), ("--console-url", settings.console_url)):
         if url and urlsplit(url).scheme.lower() not in ("http", "https"):
             errors.append(f"{flag} {url!r} is not an http:// or https:// URL")
-    if settings.redis_url and urlsplit(settings.redis_url).scheme.lower() not in ("redis", "rediss"):
-        errors.append(f"--redis-url scheme {urlsplit(settings.redis_url).scheme!r} is not supported: use redis:// "
-                      "or rediss:// (redis://host:6379/0)")
+    if settings.redis_url:
+        try:  # parsed exactly as at start-up (scheme, hosts, TLS options); a client connects only when used
+            redis_client(settings.redis_url, socket_timeout=settings.store_timeout,
+                         connect_timeout=settings.store_timeout)
+        except ValueError as exc:
+            errors.append(f"--redis-url: {exc}")
     if settings.workers > 1 and not settings.redis_url:
         errors.append(WORKERS_NEED_REDIS.format(n=settings.workers))
     try:

@@ -108,13 +108,26 @@ def test_check_mode_reports_errors_and_opens_nothing() -> None:
     bad = run_check(["serve", "--redis-url", "http://redis:6379", "--tls-key", "k.pem", "--workers", "0"],
                     {**dict.fromkeys(UPSTREAM_KEYS, "k")})
     assert bad.returncode == 2
-    for text in ("--redis-url scheme 'http'", "need --tls-cert", "--workers must be at least 1",
+    for text in ("--redis-url: store URL scheme 'http'", "need --tls-cert", "--workers must be at least 1",
                  "no JWT verification key"):
         assert text in bad.stderr, bad.stderr
     missing_key = run_check(["serve"], {"AGENT_GATEWAY_JWT_SECRET": "j" * 40})
     assert missing_key.returncode == 1 and "OPENAI_API_KEY" in missing_key.stderr
     usage = run_check(["serve", "--port", "eighty"], {})
     assert usage.returncode == 2 and "invalid int value" in usage.stderr
+
+
+@pytest.mark.parametrize("url", ["rediss://r:6380/0", "redis+sentinel://s1:26379,s2:26379/mymaster/0",
+                                 "redis+cluster://n1:7000,n2:7001", "rediss+cluster://n1:7000"])
+def test_check_mode_accepts_every_store_url_serve_accepts(url: str) -> None:
+    assert_check_ok(["serve", "--redis-url", url], {**DUMMY, **dict.fromkeys(UPSTREAM_KEYS, "k")})
+
+
+@pytest.mark.parametrize(("url", "error"), [("redis+cluster://n1:7000/3", "only database 0"),
+                                            ("redis+sentinel://s1:26379", "expected redis+sentinel://")])
+def test_check_mode_refuses_a_store_url_serve_would_refuse(url: str, error: str) -> None:
+    bad = run_check(["serve", "--redis-url", url], {**DUMMY, **dict.fromkeys(UPSTREAM_KEYS, "k")})
+    assert bad.returncode == 2 and error in bad.stderr, bad.stderr
 
 
 # -- Dockerfile -----------------------------------------------------------------------------------------------------
