@@ -56,11 +56,15 @@ class UsageMeter:
 
     def feed(self, chunk: bytes) -> None:
         if self.sse:
-            self._buffer += chunk
-            *lines, rest = self._buffer.split(b"\n")
+            data = self._buffer + chunk if self._buffer else chunk  # the unfinished line, then the new bytes
+            if b'"usage"' not in data:
+                # Most stream chunks: nothing to read; keep only an unfinished last line for the next chunk.
+                self._buffer = bytearray(data[data.rfind(b"\n") + 1:])
+                return
+            *lines, rest = data.split(b"\n")
             self._buffer = bytearray(rest)
             for line in lines:
-                # Only events that mention usage are parsed: most stream chunks are skipped unread.
+                # Only events that mention usage are parsed.
                 if line.startswith(b"data:") and b'"usage"' in line:
                     self._take(line[5:])
         elif self.json and not self._overflow:
@@ -98,6 +102,7 @@ def cost_usd(prices: Mapping[str, PriceSpec], model: str | None, usage: Usage) -
 # An SSE event ends at a blank line, and SSE lines may end in CRLF, LF or CR (sse-starlette, behind many
 # OpenAI-compatible servers, sends CRLF).
 _EVENT_END = re.compile(rb"(\r\n\r\n|\n\n|\r\r)")
+_WHOLE_EVENTS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class UsageChunkFilter:
@@ -109,6 +114,8 @@ class UsageChunkFilter:
         self._buffer = bytearray()
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._buffer and b'"usage"' not in chunk and chunk.endswith(_WHOLE_EVENTS):
+            return chunk  # whole events only, none of them usage: passed on as they are, unsplit
         self._buffer += chunk
         parts = _EVENT_END.split(self._buffer)  # event, separator, event, separator, ..., the incomplete rest
         if len(parts) == 1:

@@ -29,7 +29,7 @@ from .policy.compile import AgentPolicy, Policy
 from .policy.decide import decide_each
 from .relay import SETTLING, relay
 from .responses import error_response
-from .runtime import RUNTIME
+from .runtime import Runtime
 from .tls import identify
 from .trace.event import TraceEvent, new_span_id, new_trace_id
 from .tracecontext import parse_traceparent
@@ -37,9 +37,8 @@ from .tracecontext import parse_traceparent
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
     """The agents' port: every request, whatever its path, comes through here."""
-    rt = request.app[RUNTIME]
     policy = rt.policy  # pinned: a reload mid-request does not change this request's rules
     started = time.perf_counter()
     trace_id, flags = parse_traceparent(request.headers.get("traceparent"))
@@ -55,13 +54,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             path = normalise(raw_path)
         except GatewayError:
             # Identity first here too: an anonymous caller learns only that, and the trace names who tried.
-            event.agent = (await identify(request)).id
+            event.agent = (await identify(request, rt)).id
             raise
         event.path = path
         name, subpath = split_upstream(path)
         upstream = policy.upstreams.get(name)
         kind = upstream.spec.kind if upstream else None
-        agent = await identify(request)
+        agent = await identify(request, rt)
         event.agent = agent.id
         pause = rt.control.paused(agent.id)
         if pause is not None:
@@ -133,7 +132,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             rt.sink.emit(event)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refused past `limit` whether or not it declared a length (chunked included)."""
     if request.content_length is not None and request.content_length > limit:
         raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")

@@ -34,7 +34,7 @@ SMALL_ANSWER = 64 * 1024  # bytes: an answer up to this size with a Content-Leng
 SETTLING: web.RequestKey[asyncio.Task[None]] = web.RequestKey("settling", asyncio.Task)
 
 
-async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: AgentPolicy, classified: Classified,
+async def relay(request: web.BaseRequest, rt: Runtime, upstream: Upstream, agent: AgentPolicy, classified: Classified,
                 action: Action, incoming: Incoming, query: str, event: TraceEvent, trace_flags: str,
                 reservation: Reservation | None) -> web.StreamResponse:
     spec = upstream.spec
@@ -104,7 +104,11 @@ async def relay(request: web.Request, rt: Runtime, upstream: Upstream, agent: Ag
             raise
         usage = _account(event, spec, meter)
         if reservation is not None and reservation.plan.settles:
-            settling = rt.settler.settle_soon(reservation, *charge(reservation, usage, event, missing), event)
+            used = charge(reservation, usage, event, missing)
+            if rt.settler.inline:
+                await rt.settler.settle(reservation, *used, event)
+                return response
+            settling = rt.settler.settle_soon(reservation, *used, event)
             request[SETTLING] = settling  # the trace event is written once this is done
             # The agent has its whole answer; if it hangs up now, the settlement goes on without it and the
             # call stays the success it was.

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from .models import Agent
-from .runtime import RUNTIME
+from .runtime import Runtime
 from .settings import Settings
 
 __all__ = ["CLIENT_CERT_MODES", "IDENTITY_BINDINGS", "cert_agent_id", "identify", "peer_agent_id", "server_context"]
@@ -84,9 +84,8 @@ def peer_agent_id(request: web.BaseRequest) -> str | None:
     return agent
 
 
-async def identify(request: web.Request) -> Agent:
+async def identify(request: web.BaseRequest, rt: Runtime) -> Agent:
     """The identify stage on the agents' port: the JWT, the client certificate, or both bound together."""
-    rt = request.app[RUNTIME]
     settings = rt.settings
     peer = peer_agent_id(request) if settings.client_ca else None
     return await rt.authenticator.authenticate_peer(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from gateway.account import MAX_JSON_COPY, Usage, UsageMeter, cost_usd
+from gateway.account import MAX_JSON_COPY, Usage, UsageChunkFilter, UsageMeter, cost_usd
 from gateway.policy.spec import PriceSpec
 
 
@@ -228,3 +228,42 @@ def test_cost_usd_none_for_unpriced_or_missing_model() -> None:
     assert cost_usd(PRICES, "gpt-5", Usage(1, 1)) is None
     assert cost_usd(PRICES, None, Usage(1, 1)) is None
     assert cost_usd({}, "gpt-4o-mini", Usage(1, 1)) is None
+
+
+# -- the usage-event filter -------------------------------------------------------------------------------------
+
+WITHOUT_USAGE = sse(openai_chunk("Hel"), openai_chunk("lo"), openai_chunk("!"), b"[DONE]")
+
+
+def filtered(parts: Iterator[bytes] | list[bytes]) -> bytes:
+    hider = UsageChunkFilter()
+    return b"".join(hider.feed(part) for part in parts) + hider.flush()
+
+
+def test_filter_drops_only_the_usage_only_event() -> None:
+    assert filtered([OPENAI_SSE]) == WITHOUT_USAGE
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_filter_gives_the_same_bytes_however_the_stream_is_split(newline: bytes) -> None:
+    stream = sse(openai_chunk("Hel"), openai_chunk(None, {"prompt_tokens": 9, "completion_tokens": 3}), b"[DONE]",
+                 newline=newline)
+    expected = sse(openai_chunk("Hel"), b"[DONE]", newline=newline)
+    for cut in range(len(stream) + 1):
+        assert filtered(chunks(stream, [cut])) == expected, cut
+    rng = random.Random(7)
+    for _ in range(50):
+        assert filtered(chunks(stream, rng.sample(range(len(stream)), 6))) == expected
+
+
+def test_filter_passes_whole_events_without_usage_on_at_once() -> None:
+    hider = UsageChunkFilter()
+    first = sse(openai_chunk("Hel"))
+    assert hider.feed(first) == first
+    assert hider.feed(first[:10]) == b""  # an unfinished event waits for its end
+    assert hider.feed(first[10:]) == first
+
+
+def test_filter_keeps_an_event_that_mentions_usage_with_choices() -> None:
+    event = sse(openai_chunk("x", {"prompt_tokens": 1, "completion_tokens": 1}))
+    assert filtered([event]) == event

@@ -15,8 +15,9 @@ from ..models import Action
 from ..policy.spec import UpstreamSpec
 from ..trace.event import TraceEvent, new_span_id, new_trace_id
 from ..trace.sinks import TraceSink
+from .memory_store import MemoryStore
 from .plan import Planner
-from .store import Refusal, Reservation, Settlement, Store, StoreUnavailable
+from .store import RateCounter, Refusal, Reservation, Settlement, Store, StoreUnavailable
 
 
 def refusal_error(refusal: Refusal, reservation_plan_budgets: dict[str, float]) -> GatewayError:
@@ -36,14 +37,23 @@ def refusal_error(refusal: Refusal, reservation_plan_budgets: dict[str, float]) 
 
 
 def _record(event: TraceEvent, reservation: Reservation, used: tuple[int, ...]) -> None:
+    """The tightest budget and the tightest rate limit, for the trace (plain loops: this runs twice a call)."""
     plan = reservation.plan
-    if plan.budgets:
-        tightest = max(range(len(plan.budgets)), key=lambda i: used[i] / max(plan.budgets[i].limit, 1))
-        event.budget = plan.budgets[tightest].state(used[tightest])
-    rates = [(r, left) for r, left in zip(plan.rates, reservation.remaining, strict=True) if r.kind == "rate"]
-    if rates:
-        rate, left = min(rates, key=lambda pair: pair[1] / pair[0].limit)
-        event.rate_limit = {"id": rate.id, "remaining": left, "limit": rate.limit}
+    budgets = plan.budgets
+    if budgets:
+        tightest, fill = 0, -1.0
+        for i, budget in enumerate(budgets):
+            ratio = used[i] / (budget.limit if budget.limit > 1 else 1)
+            if ratio > fill:
+                tightest, fill = i, ratio
+        event.budget = budgets[tightest].state(used[tightest])
+    best: RateCounter | None = None
+    best_left, best_share = 0, 0.0
+    for rate, left in zip(plan.rates, reservation.remaining, strict=True):
+        if rate.kind == "rate" and (best is None or left / rate.limit < best_share):
+            best, best_left, best_share = rate, left, left / rate.limit
+    if best is not None:
+        event.rate_limit = {"id": best.id, "remaining": best_left, "limit": best.limit}
 
 
 def _note(event: TraceEvent, note: str) -> None:
@@ -93,6 +103,9 @@ class Settler:
         self.store = store
         self.sink = sink
         self.on_settled = on_settled
+        # The in-process store never suspends, so its settlement can run inline, where no cancellation can land
+        # mid-way; a store across the network settles from a task of its own (settle_soon).
+        self.inline = isinstance(store, MemoryStore)
         self._pending: list[tuple[Reservation, int, int]] = []
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # settle_soon tasks, kept referenced until done
