@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from collections.abc import Mapping
@@ -60,7 +61,9 @@ class TraceEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """The set fields, by reference (no deep copy): the event is final once emitted."""
-        return {name: value for name in _FIELDS if (value := getattr(self, name)) is not None}
+        # One C-level attrgetter call reads every field: about half the cost of a getattr per field.
+        return {name: value for name, value in zip(_FIELDS, _VALUES(self), strict=True) if value is not None}
 
 
 _FIELDS = tuple(f.name for f in fields(TraceEvent))
+_VALUES = operator.attrgetter(*_FIELDS)
