@@ -14,14 +14,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..redis_calls import bounded
 from ..redis_urls import redis_client
 from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
+from .resp import Command, RespClient, endpoint
 from .store import (
     BudgetCounter,
     Plan,
@@ -29,6 +27,7 @@ from .store import (
     Refusal,
     Reservation,
     Settlement,
+    StoreUnavailable,
     budget_cost,
     rate_cost,
 )
@@ -171,45 +170,74 @@ return reply
 class RedisStore:
     """The `Store` protocol on Redis, translating every Redis error into `StoreUnavailable`.
 
-    Calls made in the same event-loop iteration are sent together as one pipeline (one write, one round trip),
-    each caller still awaiting its own reply: under load the per-call cost of the client shrinks, and the
-    semantics do not change, because every script is atomic on its own.
+    One server (or a sentinel's master) is reached through `resp.RespClient`: one pipelined connection, the calls
+    of one event-loop iteration in one write. A cluster goes through redis-py, whose client knows the slot map:
+    there the calls of one iteration go out together too, each to its node. Either way each caller awaits its own
+    reply, and the semantics do not change, because every script is atomic on its own.
     """
 
     def __init__(self, client: Redis | RedisCluster, timeout: float = 1.0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._client = client
+                 clock: Callable[[], float] = time.time, resp: RespClient | None = None) -> None:
+        self._client = client  # without `resp`, every call; with it, only its configuration (and the sentinels)
+        self._resp = resp
         self._timeout = timeout
         self._clock = clock
         self._scripts = {"reserve": RESERVE, "settle": SETTLE}
         self._shas = {name: hashlib.sha1(body.encode()).hexdigest() for name, body in self._scripts.items()}
+        self._loading: dict[str, asyncio.Future[Any]] = {}  # SCRIPT LOADs in flight, shared by their waiters
         self._batch: list[_Queued] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 1.0, clock: Callable[[], float] = time.time) -> RedisStore:
-        """Any URL that `redis_urls` accepts: one server, TLS, a sentinel-managed master or a cluster."""
-        client = redis_client(
-            url,
-            socket_timeout=timeout,
-            connect_timeout=timeout,
-            # One immediate retry on a connection error (a pooled connection to a Redis that restarted), on a
-            # fresh connection: safe, because a reserve that already ran finds its marker and charges nothing,
-            # and a settle applies only while the marker exists. Timeouts are not retried: a store that is
-            # down must answer fast.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            # A connection idle this long is PINGed before reuse: if it died meanwhile, the call fails (and the
-            # connection is replaced) before the script is sent, never after it may have run.
-            health_check_interval=30,
-            decode_responses=True,
-            driver_info=None,  # no CLIENT SETINFO: one fewer round trip per new connection
-        )
-        return cls(client, timeout, clock)
+        """Any URL that `redis_urls` accepts: one server, TLS, a sentinel-managed master or a cluster.
+
+        A connection that fails before a command was written is replaced and the command sent once more (see
+        `resp.RespClient.call`); a command that may have run is never resent by the client. Resending would be
+        safe anyway (a reserve that already ran finds its marker and charges nothing, and a settle applies only
+        while the marker exists), which is what lets the gateway's settler retry a settle until it applies.
+        """
+        client = redis_client(url, socket_timeout=timeout, connect_timeout=timeout, decode_responses=True,
+                              driver_info=None)  # no CLIENT SETINFO: one fewer round trip per new connection
+        if isinstance(client, RedisCluster):
+            return cls(client, timeout, clock)
+        return cls(client, timeout, clock, RespClient(endpoint(client), timeout))
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await bounded(what, operation(), self._timeout)
 
     async def _script(self, name: str, keys: list[str], args: list[str | int | float]) -> Any:
+        if self._resp is None:
+            return await self._batched(name, keys, args)
+        command = ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+        try:
+            try:
+                return await self._resp.call(command)
+            except ResponseError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+            return await self._reloaded(name, command)
+        except (RedisError, OSError) as exc:  # OSError: TimeoutError and ConnectionError too
+            raise self._unavailable(name, exc) from exc
+
+    async def _reloaded(self, name: str, command: Command) -> Any:
+        """A Redis that restarted (or was flushed) forgot the scripts: load this one once for every caller that
+        found it missing, then send again."""
+        assert self._resp is not None
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = self._resp.send(("SCRIPT", "LOAD", self._scripts[name]))
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        await asyncio.shield(loading)
+        return await self._resp.call(command)
+
+    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
+        if isinstance(exc, TimeoutError):
+            return StoreUnavailable(f"redis {what}: no answer within {self._timeout:g}s")
+        return StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}")
+
+    # -- a cluster: redis-py ---------------------------------------------------------------------------------------
+    async def _batched(self, name: str, keys: list[str], args: list[str | int | float]) -> Any:
         """Queue one script call for this loop iteration's pipeline and wait for its own reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._batch.append((name, keys, args, future))
@@ -304,9 +332,16 @@ class RedisStore:
         keys = [r.key for r in rates] + [b.key for b in budgets]
         if not keys:
             return (), ()
-        client = self._client
-        values: list[Any] = await self._call(
-            "peek", lambda: client.mget_nonatomic(keys) if isinstance(client, RedisCluster) else client.mget(keys))
+        values: list[Any]
+        if self._resp is not None:
+            try:
+                values = await self._resp.call(("MGET", *keys))
+            except (RedisError, OSError) as exc:
+                raise self._unavailable("peek", exc) from exc
+        else:
+            client = self._client
+            values = await self._call(
+                "peek", lambda: client.mget_nonatomic(keys) if isinstance(client, RedisCluster) else client.mget(keys))
         tats, totals = values[:len(rates)], values[len(rates):]
         remaining = tuple(_remaining(r, max(float(t) if t else now, now), now)
                           for r, t in zip(rates, tats, strict=True))
@@ -322,6 +357,8 @@ class RedisStore:
     async def close(self) -> None:
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self._resp is not None:
+            await self._resp.close()
         await self._client.aclose()  # the client owns its pool (or its nodes), so this disconnects it too
 
 
