@@ -5,8 +5,8 @@ response objects, tracing signals, cookie, redirect and decompression machinery 
 against ~8 us for this client, and the gateway makes one upstream call per agent call. Responses are parsed by
 httptools (llhttp, the Node.js parser), so framing (Content-Length, chunked, close-delimited) is as strict as a
 mainstream server's. What the gateway needs and nothing more: one request, one response, streamed back with
-backpressure; a connect timeout and a read timeout (the longest pause between bytes); TLS with the upstream's
-own context; no redirects, no decompression, no cookies.
+backpressure; a connect timeout and a read timeout (the longest pause between bytes, not counting the time reading
+is paused for a slow reader); TLS with the upstream's own context; no redirects, no decompression, no cookies.
 """
 
 from __future__ import annotations
@@ -39,12 +39,20 @@ _CONNECT_ERRORS: dict[type[OSError], str] = {
     ConnectionResetError: "connection reset"}
 
 
+def _connect_error(exc: OSError) -> str:
+    known = _CONNECT_ERRORS.get(type(exc))
+    if known is not None:
+        return known
+    # asyncio's "Multiple exceptions" (every address of a name failed) has no errno, and its text has addresses.
+    return os.strerror(exc.errno).lower() if exc.errno else "connection failed"
+
+
 class UpstreamClosed(Exception):
     """The upstream closed the connection or sent something that is not HTTP/1.1."""
 
 
 class UpstreamConnectFailed(Exception):
-    """No connection could be opened (refused, unresolvable, TLS handshake failed)."""
+    """No connection could be opened (refused, unresolvable, TLS handshake failed). Timing out is a TimeoutError."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +144,11 @@ class UpstreamResponse:
         self._wake()
 
     def _finish(self, error: Exception | None) -> None:
+        if self._done or self._error is not None:  # the first outcome stands: a timeout stays a timeout
+            return
         if error is None:
             self._done = True
-        elif not self._done:
+        else:
             self._error = error
         self._wake()
 
@@ -179,6 +189,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # failed, or its last response is complete: nothing more is read from it
+            return
         self.received = True
         self._last_data = self._loop.time()
         try:
@@ -192,18 +204,27 @@ class _Connection(asyncio.Protocol):
         return False  # close the transport: a half-closed upstream connection is no use
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if exc is None and self._until_close and self._response is not None and not self.complete:
-            self.complete = True  # a body without a length ends with the connection, cleanly
-            self._response._finish(None)
         if not self.complete:
-            self._fail(UpstreamClosed("the upstream closed the connection"))
+            # A body without a length ends with the connection, cleanly: if the upstream closed it (not a reset,
+            # not the gateway itself giving up on it).
+            if exc is None and self._until_close and not self.closed and self._response is not None:
+                self.complete = True
+                self._response._finish(None)
+            else:
+                self._fail(UpstreamClosed("the upstream closed the connection"))
+        self.closed = True
         self._cancel_timer()
         self._pool.forget(self)
         if not self.gone.done():
             self.gone.set_result(None)
 
     # -- httptools callbacks ---------------------------------------------------------------------------------------
+    # After a failure, llhttp goes on with the rest of the bytes it was given: they are ignored (`closed`), so the
+    # body of an answer nobody asked for never reaches the previous response.
+    def on_message_begin(self) -> None:
+        if self._head is None or self.complete:  # a response, or part of one, with no request outstanding
+            self._fail(UpstreamClosed("the upstream sent an unexpected response"))
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
 
@@ -212,6 +233,8 @@ class _Connection(asyncio.Protocol):
         self._values.append(value)
 
     def on_headers_complete(self) -> None:
+        if self.closed:
+            return
         status = self._parser.get_status_code()
         names, values = self._names, self._values
         self._names, self._values = [], []
@@ -238,14 +261,14 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def on_body(self, body: bytes) -> None:
-        if body and self._response is not None and not self._no_body:
+        if body and self._response is not None and not self.closed:
             self._response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self.closed:
+            return
         if self._informational:
             self._informational = False
-            return
-        if self._no_body:
             return
         self.complete = True
         self._cancel_timer()
@@ -264,10 +287,13 @@ class _Connection(asyncio.Protocol):
         self.received = False
         self._no_body = no_body
         self._read_timeout = read_timeout
-        self._last_data = self._loop.time()
-        self._timer = self._loop.call_at(self._last_data + read_timeout, self._check_timeout)
+        self._arm()
         self.transport.write(data)
         return self._head
+
+    def _arm(self) -> None:
+        self._last_data = self._loop.time()
+        self._timer = self._loop.call_at(self._last_data + self._read_timeout, self._check_timeout)
 
     def _check_timeout(self) -> None:
         # Re-armed lazily: data_received only stamps the time, so a busy stream costs no timer churn.
@@ -302,16 +328,26 @@ class _Connection(asyncio.Protocol):
         if not self._paused and self.transport is not None and not self.closed:
             self._paused = True
             self.transport.pause_reading()
+            self._cancel_timer()  # a slow reader is not a stalled upstream: the read timeout waits for it
 
     def drained(self) -> None:
         if self._paused and self.transport is not None and not self.closed:
             response = self._response
             if response is None or response._buffered < LOW_WATER:
-                self._paused = False
-                self.transport.resume_reading()
+                self._resume()
+
+    def _resume(self) -> None:
+        assert self.transport is not None
+        self._paused = False
+        self.transport.resume_reading()
+        if not self.complete:
+            self._arm()  # the upstream's time to send counts from now
 
     def finished(self, response: UpstreamResponse) -> None:
-        self._pool.release(self, reusable=self.complete and not self.closed and response is self._response)
+        reusable = self.complete and not self.closed and response is self._response
+        if reusable and self._paused:  # the last bytes of a body nobody read paused it: the next answer must flow
+            self._resume()
+        self._pool.release(self, reusable)
 
     def close(self) -> None:
         self.closed = True
@@ -321,6 +357,16 @@ class _Connection(asyncio.Protocol):
 
 
 _Key = tuple[str, int, bool, "UpstreamTlsSpec | None"]  # host, port, https, its TLS settings
+
+
+async def _exchange(conn: _Connection, data: bytes, read_timeout: float, no_body: bool) -> UpstreamResponse:
+    try:
+        return await conn.send(data, read_timeout, no_body)
+    except asyncio.CancelledError:
+        # The caller gave up (its agent hung up): close now, so the upstream stops working for nobody instead
+        # of answering into a connection that waits out the read timeout.
+        conn.close()
+        raise
 
 
 def tls_context(tls: UpstreamTlsSpec | None) -> ssl.SSLContext:
@@ -355,7 +401,7 @@ class UpstreamPool:
     def __init__(self) -> None:
         self._idle: dict[_Key, list[_Connection]] = {}
         self._busy: set[_Connection] = set()
-        self._contexts: dict[tuple[UpstreamTlsSpec | None, tuple[float, ...]], ssl.SSLContext] = {}
+        self._contexts: dict[UpstreamTlsSpec | None, tuple[tuple[float, ...], ssl.SSLContext]] = {}
         self._closing = False
 
     async def request(self, origin: Origin, tls: UpstreamTlsSpec | None, method: str, head: bytes, body: bytes,
@@ -368,20 +414,22 @@ class UpstreamPool:
         conn = self._pooled(key)
         if conn is not None:
             try:
-                return await conn.send(data, read_timeout, no_body)
+                return await _exchange(conn, data, read_timeout, no_body)
             except UpstreamClosed:
                 # A pooled connection the upstream had closed: safe to send again only if nothing came back
                 # and the method may be repeated (RFC 9112 9.3.1).
                 if conn.received or method not in IDEMPOTENT_METHODS:
                     raise
         conn = await self._connect(key, origin, tls, connect_timeout)
-        return await conn.send(data, read_timeout, no_body)
+        return await _exchange(conn, data, read_timeout, no_body)
 
     def _context(self, tls: UpstreamTlsSpec | None) -> ssl.SSLContext:
-        stamp = (tls, _mtimes(tls))
-        context = self._contexts.get(stamp)
-        if context is None:
-            context = self._contexts[stamp] = tls_context(tls)
+        times = _mtimes(tls)
+        cached = self._contexts.get(tls)
+        if cached is not None and cached[0] == times:
+            return cached[1]
+        context = tls_context(tls)
+        self._contexts[tls] = (times, context)  # replaces the context of files since rotated
         return context
 
     def _pooled(self, key: _Key) -> _Connection | None:
@@ -403,18 +451,23 @@ class UpstreamPool:
             raise UpstreamConnectFailed("the gateway is shutting down")
         loop = asyncio.get_running_loop()
         context: ssl.SSLContext | None = None
-        try:
-            if origin.tls:
+        if origin.tls:
+            try:
                 context = self._context(tls)
+            except (OSError, ssl.SSLError) as exc:  # named by kind: the paths are the operator's business
+                raise UpstreamConnectFailed("its TLS CA, certificate or key file cannot be loaded") from exc
+        try:
             async with asyncio.timeout(connect_timeout):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(self, key), origin.host, origin.port,
-                    ssl=context if origin.tls else None, server_hostname=origin.host if origin.tls else None)
+                    ssl=context, server_hostname=origin.host if origin.tls else None)
+        except TimeoutError:
+            raise  # a connect timeout is a timeout, as a read timeout is (an OSError too, so caught first)
         except ssl.SSLError as exc:
             raise UpstreamConnectFailed(f"TLS handshake failed: {exc.reason or exc}") from exc
         except OSError as exc:
             # Named by kind only: the agent sees this message, and the upstream's address is not its business.
-            raise UpstreamConnectFailed(_CONNECT_ERRORS.get(type(exc), type(exc).__name__)) from exc
+            raise UpstreamConnectFailed(_connect_error(exc)) from exc
         self._busy.add(conn)
         return conn
 
