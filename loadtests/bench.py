@@ -1,11 +1,13 @@
 """The benchmark: gateway configurations against a bare aiohttp passthrough, measured in the same run.
 
-    python loadtests/bench.py [--duration 10] [--connections 16] [--configs a,b,...] [--json FILE]
+    python loadtests/bench.py [--duration 10] [--rounds 3] [--connections 16] [--configs a,b,...] [--json FILE]
 
 Starts a fast fake upstream, then each configuration in turn on CPU 0 while `wrk` drives load from CPU 1,
 and prints one table: requests/s, p50, p99, peak RSS, and each configuration's requests/s as a ratio to
-the passthrough and to the gateway with no limits. Needs `wrk` (Debian: apt-get install wrk) and, for the
-Redis configuration, `redis-server`.
+the passthrough and to the gateway with no limits. The configurations are measured in `--rounds` rounds
+(all of them, in order, per round) and each figure is the median over the rounds: a virtual machine's speed
+drifts over minutes, and interleaving exposes every configuration to the same drift. Needs `wrk` (Debian:
+apt-get install wrk) and, for the Redis configuration, `redis-server`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -167,9 +170,17 @@ def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path
     return Result(config, round(rps, 1), p50, p99, errors, round(rss, 1))
 
 
+def median_of(config: str, runs: list[Result]) -> Result:
+    """Each figure's median over the rounds (peak RSS: the highest), errors summed."""
+    return Result(config, round(statistics.median(r.requests_per_s for r in runs), 1),
+                  statistics.median(r.p50_ms for r in runs), statistics.median(r.p99_ms for r in runs),
+                  sum(r.errors for r in runs), max(r.peak_rss_mb for r in runs))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per configuration")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all configurations; medians are kept")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument("--json", help="also write the results here")
@@ -189,9 +200,14 @@ def main() -> int:
                     if "gateway-limits-redis" in configs else contextlib.nullcontext())
         with process(pinned(0, [sys.executable, str(HERE / "upstream.py"), str(upstream_port)]), upstream_port), \
                 redis_cm:
-            for config in configs:
-                results.append(measure(config, upstream_url, args, work, f"redis://127.0.0.1:{redis_port}/0"))
-                print(f"  measured {config}: {results[-1].requests_per_s:.0f} req/s", file=sys.stderr)
+            rounds: dict[str, list[Result]] = {config: [] for config in configs}
+            for round_ in range(1, args.rounds + 1):
+                for config in configs:
+                    rounds[config].append(measure(config, upstream_url, args, work,
+                                                  f"redis://127.0.0.1:{redis_port}/0"))
+                    print(f"  round {round_}, {config}: {rounds[config][-1].requests_per_s:.0f} req/s",
+                          file=sys.stderr)
+            results = [median_of(config, rounds[config]) for config in configs]
     base = next((r.requests_per_s for r in results if r.config == "passthrough"), None)
     stream_base = next((r.requests_per_s for r in results if r.config == "passthrough-stream"), None)
     no_limits = next((r.requests_per_s for r in results if r.config == "gateway-no-limits"), None)
@@ -206,9 +222,11 @@ def main() -> int:
     for r in results:
         print(f"{r.config:<24}{r.requests_per_s:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
               f"{r.peak_rss_mb:>8.1f}{r.vs_passthrough or 0:>8.2f}{r.vs_no_limits or 0:>9.2f}")
-    print(f"\n{args.connections} connections, {args.duration}s per configuration, server on CPU 0, wrk on CPU 1")
+    print(f"\n{args.connections} connections, {args.duration}s per configuration and round, medians of {args.rounds} "
+          "rounds, server on CPU 0, wrk on CPU 1")
     if args.json:
         Path(args.json).write_text(json.dumps({"connections": args.connections, "duration_s": args.duration,
+                                               "rounds": args.rounds,
                                                "results": [asdict(r) for r in results]}, indent=2))
     return 0
 
