@@ -378,8 +378,13 @@ def tls_context(tls: UpstreamTlsSpec | None) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     if tls is not None and tls.cert_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        # An encrypted key fails to load rather than OpenSSL prompting for a passphrase on the terminal.
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=_no_passphrase)
     return context
+
+
+def _no_passphrase() -> bytes:
+    return b""
 
 
 def _mtimes(tls: UpstreamTlsSpec | None) -> tuple[float, ...]:

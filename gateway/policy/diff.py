@@ -158,6 +158,8 @@ def _upstream_fields(spec: UpstreamSpec) -> dict[str, Any]:
     if spec.credential is not None:
         fields["credential.header"] = spec.credential.header
         fields["credential.value"] = spec.credential.value  # compared only; never leaves this module
+    if spec.tls is not None:
+        fields.update({f"tls.{key}": getattr(spec.tls, key) for key in ("ca_file", "cert_file", "key_file")})
     fields.update({"connect_timeout": spec.connect_timeout, "read_timeout": spec.read_timeout,
                    "on_store_error": spec.on_store_error})
     for model, price in sorted(spec.prices.items()):

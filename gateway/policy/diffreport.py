@@ -19,7 +19,8 @@ _MARK = {"added": "+", "removed": "-", "changed": "~", "moved": "~"}
 _COLOUR = {"+": "\x1b[32m", "-": "\x1b[31m", "~": "\x1b[33m", "#": "\x1b[1m"}
 _RESET = "\x1b[0m"
 _DURATIONS = frozenset({"timeout", "connect_timeout", "read_timeout"})
-_NONE_WORDS = {"resources": "any", "resource": "default", "timeout": "default", "upstream": "every upstream"}
+_NONE_WORDS = {"resources": "any", "resource": "default", "timeout": "default", "upstream": "every upstream",
+               "ca_file": "system CAs"}
 _ITEM_WORDS = {"rule": "rule", "budget": "budget", "rate_limit": "rate limit"}
 
 

@@ -7,7 +7,9 @@ Every problem in every file is collected and raised at once as `RuleSetInvalid`.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +43,11 @@ from gateway.policy.spec import (
     ToolSpec,
     UpstreamKind,
     UpstreamSpec,
+    UpstreamTlsSpec,
     Window,
 )
 from gateway.policy.yamlsource import Node, Reader, did_you_mean, parse_duration
+from gateway.upstream_client import tls_context
 
 __all__ = ["KEYS", "Keys", "load_rules", "parse_duration", "summary"]
 
@@ -58,7 +62,9 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 300.0  # LLM streams can pause for minutes between tokens
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
-_UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout", "on_store_error")
+_UPSTREAM_OPTIONAL = ("credential", "prices", "routes", "tools", "connect_timeout", "read_timeout", "on_store_error",
+                      "tls")
+_TLS_FILES = ("ca_file", "cert_file", "key_file")
 _AGENT_OPTIONAL = ("owner", "purpose", "mode", *EFFECTS, "budgets", "rate_limits", "loop_detection", "capture")
 _RULE_OPTIONAL = ("id", "resources", "when", "reason", "timeout", "enforce")
 _BUDGET_OPTIONAL = ("id", "tokens", "usd", "alert_at", "default_output_tokens", "allow_unestimated", "clamp_max_tokens")
@@ -79,6 +85,7 @@ KEYS: Mapping[str, Keys] = MappingProxyType({
     "upstreams_file": Keys(("upstreams",)),
     "upstream": Keys(("kind", "url"), _UPSTREAM_OPTIONAL),
     "credential": Keys(("header", "value")),
+    "tls": Keys((), _TLS_FILES),
     "price": Keys(("input_per_mtok", "output_per_mtok")),
     "route": Keys(("method", "path", "verb"), ("resource",)),
     "tool": Keys(("name", "verb"), ("resource",)),
@@ -256,6 +263,7 @@ def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
     kind = reader.choice(fields.get("kind"), UPSTREAM_KINDS, "kind", None)
     url = _url(reader, fields.get("url"))
     credential = _credential(reader, fields.get("credential"))
+    tls = _tls(reader, fields.get("tls"), url)
     prices = _prices(reader, fields.get("prices"))
     routes = tuple(r for item in reader.items(fields.get("routes")) if (r := _route(reader, item)) is not None)
     tools = _tools(reader, fields.get("tools"))
@@ -281,6 +289,7 @@ def _upstream(reader: Reader, name: str, node: Node) -> UpstreamSpec | None:
         read_timeout=read_timeout,
         loc=node.loc,
         on_store_error=cast(Literal["deny", "allow"], on_store_error),
+        tls=tls,
     )
 
 
@@ -310,6 +319,55 @@ def _credential(reader: Reader, node: Node | None) -> CredentialSpec | None:
     if header and not _HEADER_NAME.fullmatch(header):
         reader.bad_value(fields["header"], f"'{header}' is not a valid HTTP header name")
     return CredentialSpec(header=header, value=reader.text(fields.get("value"), "", empty=True))
+
+
+def _tls(reader: Reader, node: Node | None, url: str) -> UpstreamTlsSpec | None:
+    fields = reader.fields(node, *KEYS["tls"]) if node is not None else None
+    if node is None or fields is None:
+        return None
+    if url and urlsplit(url).scheme != "https":
+        reader.bad_value(node, "is only for an https:// url")
+        return None
+    files = {key: reader.text(fields.get(key), None) for key in _TLS_FILES}
+    if files["key_file"] is not None and files["cert_file"] is None:
+        reader.bad_value(fields["key_file"], "needs cert_file (the client certificate the key belongs to)")
+        return None
+    mark = reader.mark()
+    for key, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            # Paths are not echoed: they may be expanded from the environment, like every other value.
+            problem = "is not a file" if os.path.exists(path) else "file not found"
+            reader.bad_value(fields[key], problem)
+    if reader.failed_since(mark):
+        return None
+    spec = UpstreamTlsSpec(**files)
+    # Built once here so a bad file stops the load, not the first call; the pool builds its own at connect time.
+    try:
+        tls_context(spec)
+    except (OSError, ssl.SSLError) as exc:
+        key, problem = _tls_culprit(spec, exc)
+        reader.bad_value(fields[key], problem)
+        return None
+    return spec
+
+
+def _tls_culprit(spec: UpstreamTlsSpec, exc: OSError | ssl.SSLError) -> tuple[str, str]:
+    """Which tls field made `tls_context` fail, and why, in words that carry nothing read from the files."""
+    if spec.ca_file is not None:
+        try:
+            tls_context(UpstreamTlsSpec(ca_file=spec.ca_file))
+        except (OSError, ssl.SSLError) as ca_exc:
+            return "ca_file", "cannot be loaded: " + _ssl_problem(ca_exc, "not a PEM CA certificate bundle")
+    problem = _ssl_problem(exc, "not a PEM certificate and its unencrypted private key")
+    if spec.key_file is not None:
+        return "key_file", "cannot be loaded with cert_file: " + problem
+    return "cert_file", "cannot be loaded: " + problem
+
+
+def _ssl_problem(exc: OSError | ssl.SSLError, default: str) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return "the private key does not match the certificate" if exc.reason == "KEY_VALUES_MISMATCH" else default
+    return os.strerror(exc.errno).lower() if exc.errno else default
 
 
 def _prices(reader: Reader, node: Node | None) -> dict[str, PriceSpec]:

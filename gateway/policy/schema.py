@@ -61,6 +61,7 @@ def _ref(name: str) -> Schema:
 
 _NAME_PATTERN = f"^{NAME.pattern}$"
 _HTTP_URL = r"^([Hh][Tt][Tt][Pp][Ss]?://[^?#\s]+|.*\$\{.*)$"  # or built from ${VAR}s, checked once expanded
+_HTTPS_URL = r"^([Hh][Tt][Tt][Pp][Ss]://|.*\$\{)"
 
 # (section, key) -> (schema, description). Every key of `load.KEYS` needs an entry; `_object` raises otherwise.
 _PROPERTIES: Mapping[tuple[str, str], tuple[Schema, str]] = {
@@ -89,6 +90,13 @@ _PROPERTIES: Mapping[tuple[str, str], tuple[Schema, str]] = {
     ("upstream", "on_store_error"): (_enum(STORE_ERROR_POLICIES),
                                      "When the limits store is unreachable: `deny` (fail closed, the default) or "
                                      "`allow` (admit unmetered, traced)."),
+    ("upstream", "tls"): (_ref("tls"), "https only: the upstream's own CA bundle and a client certificate to "
+                                       "present (mTLS); omitted: verified against the system's CAs."),
+    ("tls", "ca_file"): (_TEXT, "PEM CA bundle the upstream's certificate is verified against, instead of the "
+                                "system's CAs."),
+    ("tls", "cert_file"): (_TEXT, "PEM client certificate (chain) presented to the upstream; the private key too "
+                                  "unless `key_file` is set."),
+    ("tls", "key_file"): (_TEXT, "PEM private key of `cert_file` (unencrypted)."),
     ("credential", "header"): ({"type": "string", "pattern": r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"},
                                "Header name, e.g. `Authorization` or `x-api-key`."),
     ("credential", "value"): ({"type": "string"}, "Header value; use `${VAR}` so the secret stays out of the file."),
@@ -166,6 +174,7 @@ _PROPERTIES: Mapping[tuple[str, str], tuple[Schema, str]] = {
 _DESCRIPTIONS = {
     "upstream": "One upstream the gateway forwards to.",
     "credential": "`{header, value}` injected upstream.",
+    "tls": "`{ca_file, cert_file, key_file}`: files read when the rules load and again when they change on disk.",
     "price": "Prices of one model, USD per million tokens.",
     "route": "An `http` route: method + path pattern -> verb/resource.",
     "tool": "An `mcp` tool: name -> verb/resource.",
@@ -219,14 +228,19 @@ def upstreams_schema() -> Schema:
     upstream["allOf"] = [
         {"if": {"required": ["routes"]}, "then": {"properties": {"kind": {"const": "http"}}}},
         {"if": {"required": ["tools"]}, "then": {"properties": {"kind": {"const": "mcp"}}}},
+        # ... and tls on an upstream whose url is not https://.
+        {"if": {"required": ["tls"]}, "then": {"properties": {"url": {"pattern": _HTTPS_URL}}}},
     ]
+    tls = _object("tls")
+    tls["dependentRequired"] = {"key_file": ["cert_file"]}
     return {
         "$schema": DRAFT,
         "title": "agent-gateway upstreams.yaml",
         "description": "The upstreams the gateway may forward to (rules/upstreams.yaml). Generated from the loader "
                        "by `agent-gateway rules schema`.",
         **_object("upstreams_file"),
-        "$defs": {name: _object(name) for name in ("credential", "price", "route", "tool")} | {"upstream": upstream},
+        "$defs": {name: _object(name) for name in ("credential", "price", "route", "tool")}
+        | {"tls": tls, "upstream": upstream},
     }
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway.policy.diff import RuleSetDiff, compare
 from gateway.policy.diffreport import render, to_json
@@ -215,6 +216,20 @@ def test_diff_reports_upstream_fields_without_credential_values(tmp_path: Path) 
     for output in outputs:
         assert all(secret not in output for secret in (*SECRETS.values(), "hunter2"))
     assert "~ credential.value: changed (value not shown)" in outputs[0]
+
+
+def test_diff_reports_an_upstream_tls_change(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    client = ca.issue_cert("gateway.test")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    tls = f"    tls: {{ca_file: '{tmp_path}/ca.pem', cert_file: '{tmp_path}/client.pem'}}\n"
+    upstreams = UPSTREAMS.replace("    prices: {gpt", tls + "    prices: {gpt")
+    diff = diff_of(tmp_path, upstreams=upstreams)
+    [openai] = diff.upstreams
+    assert [(f.field, f.change, f.new) for f in openai.fields] == [
+        ("tls.ca_file", "added", f"{tmp_path}/ca.pem"), ("tls.cert_file", "added", f"{tmp_path}/client.pem")]
+    assert f"+ tls.ca_file: {tmp_path}/ca.pem" in render(diff, "text")
 
 
 def test_diff_reports_upstreams_added_and_removed(tmp_path: Path) -> None:

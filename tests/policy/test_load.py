@@ -6,9 +6,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from gateway.policy.load import load_rules, parse_duration, summary
-from gateway.policy.spec import Loc, RuleSetInvalid
+from gateway.policy.spec import Loc, RuleSetInvalid, UpstreamTlsSpec
 
 UPSTREAMS = """\
 upstreams:
@@ -526,3 +528,107 @@ def test_unset_variable_reported_once_not_also_as_empty_value(tmp_path):
         load_rules(tmp_path, {})
     assert [str(e) for e in info.value.errors] == [
         f"{tmp_path}/upstreams.yaml:4:10: unset_variable: upstreams.x.url: ${{NOPE}} is not set"]
+
+
+# -- tls: an https upstream's own CA bundle and client certificate ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A CA bundle, a client certificate and key, a key that matches nothing, and a file that is not PEM."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    client = ca.issue_cert("client.test")
+    files = {"ca": folder / "ca.pem", "cert": folder / "client.pem", "key": folder / "client.key",
+             "other_key": folder / "other.key", "garbage": folder / "garbage.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    client.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    client.private_key_pem.write_to_path(str(files["key"]))
+    trustme.CA().issue_cert("other.test").private_key_pem.write_to_path(str(files["other_key"]))
+    files["garbage"].write_text("not a certificate SECRET-CONTENT\n")
+    return {name: str(path) for name, path in files.items()}
+
+
+def tls_upstreams(tls: str, url: str = "https://erp.internal") -> str:
+    return f"upstreams:\n  erp:\n    kind: http\n    url: {url}\n    tls: {tls}\n"
+
+
+def test_tls_parses_into_upstream_tls_spec(rules: Path, pki: dict[str, str]) -> None:
+    write(rules, {"upstreams.yaml": tls_upstreams(
+        "{ca_file: '${ERP_CA}', cert_file: " + pki["cert"] + ", key_file: " + pki["key"] + "}")})
+    ruleset = load_rules("rules", {"ERP_CA": pki["ca"]})
+    assert ruleset.upstreams["erp"].tls == UpstreamTlsSpec(ca_file=pki["ca"], cert_file=pki["cert"],
+                                                          key_file=pki["key"])
+
+
+def test_tls_is_optional_and_each_file_too(rules: Path, pki: dict[str, str]) -> None:
+    write(rules, {"upstreams.yaml": tls_upstreams("{ca_file: " + pki["ca"] + "}") +
+                  "  llm: {kind: openai, url: 'https://llm'}\n"})
+    ruleset = load_rules("rules", {})
+    assert ruleset.upstreams["erp"].tls == UpstreamTlsSpec(ca_file=pki["ca"])
+    assert ruleset.upstreams["llm"].tls is None
+
+
+def test_error_tls_on_plain_http_url(rules: Path, pki: dict[str, str]) -> None:
+    write(rules, {"upstreams.yaml": tls_upstreams("{ca_file: " + pki["ca"] + "}", url="http://erp.internal")})
+    assert errors_of() == ["rules/upstreams.yaml:5:10: bad_value: upstreams.erp.tls: is only for an https:// url"]
+
+
+def test_error_tls_key_file_without_cert_file(rules: Path, pki: dict[str, str]) -> None:
+    write(rules, {"upstreams.yaml": tls_upstreams("{key_file: " + pki["key"] + "}")})
+    assert errors_of() == ["rules/upstreams.yaml:5:21: bad_value: upstreams.erp.tls.key_file: "
+                           "needs cert_file (the client certificate the key belongs to)"]
+
+
+def test_error_tls_unknown_key_and_bad_type(rules: Path) -> None:
+    write(rules, {"upstreams.yaml": tls_upstreams("{ca_fle: x, cert_file: 3}")})
+    assert errors_of() == [
+        "rules/upstreams.yaml:5:11: unknown_key: upstreams.erp.tls.ca_fle: did you mean 'ca_file'?",
+        "rules/upstreams.yaml:5:33: bad_type: upstreams.erp.tls.cert_file: expected a string, got an integer; "
+        "quote it to make it a string",
+    ]
+
+
+def test_error_tls_missing_files_named_by_field_not_path(rules: Path, tmp_path: Path) -> None:
+    missing = str(tmp_path / "secret-name" / "nope.pem")
+    write(rules, {"upstreams.yaml": tls_upstreams(
+        f"{{ca_file: {missing}, cert_file: {tmp_path}, key_file: {missing}}}")})
+    errors = errors_of()
+    assert [e.split(": ", 2)[1:] for e in errors] == [
+        ["bad_value", "upstreams.erp.tls.ca_file: file not found"],
+        ["bad_value", "upstreams.erp.tls.cert_file: is not a file"],
+        ["bad_value", "upstreams.erp.tls.key_file: file not found"],
+    ]
+    assert not any("secret-name" in e or str(tmp_path) in e for e in errors)
+
+
+@pytest.mark.parametrize(("tls", "error"), [
+    ("{ca_file: <garbage>}", "upstreams.erp.tls.ca_file: cannot be loaded: not a PEM CA certificate bundle"),
+    ("{ca_file: <key>}", "upstreams.erp.tls.ca_file: cannot be loaded: not a PEM CA certificate bundle"),
+    ("{cert_file: <garbage>}",
+     "upstreams.erp.tls.cert_file: cannot be loaded: not a PEM certificate and its unencrypted private key"),
+    ("{cert_file: <cert>}",  # no key_file, and no key in the certificate file
+     "upstreams.erp.tls.cert_file: cannot be loaded: not a PEM certificate and its unencrypted private key"),
+    ("{cert_file: <cert>, key_file: <garbage>}", "upstreams.erp.tls.key_file: cannot be loaded with cert_file: "
+                                             "not a PEM certificate and its unencrypted private key"),
+    ("{cert_file: <cert>, key_file: <other_key>}",
+     "upstreams.erp.tls.key_file: cannot be loaded with cert_file: the private key does not match the certificate"),
+])
+def test_error_tls_files_that_do_not_load(rules: Path, pki: dict[str, str], tls: str, error: str) -> None:
+    for name, path in pki.items():
+        tls = tls.replace(f"<{name}>", path)
+    write(rules, {"upstreams.yaml": tls_upstreams(tls)})
+    errors = errors_of()
+    assert [e.split(": ", 2)[2] for e in errors] == [error]
+    assert "SECRET-CONTENT" not in errors[0] and "pki" not in errors[0]
+
+
+def test_error_tls_encrypted_key_fails_without_prompting(rules: Path, pki: dict[str, str], tmp_path: Path) -> None:
+    key = serialization.load_pem_private_key(Path(pki["key"]).read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    write(rules, {"upstreams.yaml": tls_upstreams(f"{{cert_file: {pki['cert']}, key_file: {encrypted}}}")})
+    assert [e.split(": ", 2)[2] for e in errors_of()] == [
+        "upstreams.erp.tls.key_file: cannot be loaded with cert_file: "
+        "not a PEM certificate and its unencrypted private key"]

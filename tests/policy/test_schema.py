@@ -31,6 +31,7 @@ SECTIONS = {
     ("upstreams", ""): "upstreams_file",
     ("upstreams", "upstream"): "upstream",
     ("upstreams", "credential"): "credential",
+    ("upstreams", "tls"): "tls",
     ("upstreams", "price"): "price",
     ("upstreams", "route"): "route",
     ("upstreams", "tool"): "tool",
@@ -240,3 +241,15 @@ def test_cli_schema_without_a_name_or_write_exits_2() -> None:
     result = cli()
     assert result.returncode == 2
     assert "name a schema (upstreams or agent), or write both with --write DIR" in result.stderr
+
+
+def test_schema_refuses_tls_where_the_loader_does() -> None:
+    def errors(upstream: dict[str, Any]) -> list[str]:
+        return [e.message for e in validator("upstreams").iter_errors({"upstreams": {"erp": upstream}})]
+
+    tls = {"ca_file": "/etc/pki/erp-ca.pem", "cert_file": "/etc/erp.pem", "key_file": "/etc/erp.key"}
+    assert errors({"kind": "http", "url": "https://erp.internal", "tls": tls}) == []
+    assert errors({"kind": "http", "url": "${ERP_URL}", "tls": tls}) == []
+    assert errors({"kind": "http", "url": "http://erp.internal", "tls": tls}) != []
+    assert errors({"kind": "http", "url": "https://erp.internal", "tls": {"key_file": "/etc/erp.key"}}) != []
+    assert errors({"kind": "http", "url": "https://erp.internal", "tls": {"ca_fle": "x"}}) != []
