@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 
 from redis.asyncio import RedisCluster
@@ -11,6 +12,8 @@ from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
 from .redis_urls import redis_client
+
+log = logging.getLogger(__name__)
 
 
 class RedisBus:
@@ -29,6 +32,7 @@ class RedisBus:
         self.on_reconnect: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.dropped = 0  # messages a handler failed on
 
     def subscribe(self, channel: str, handler: Callable[[str], None]) -> None:
         self._handlers.setdefault(channel, []).append(handler)
@@ -63,8 +67,7 @@ class RedisBus:
                         callback()
                 first, delay = False, 0.1
                 async for message in pubsub.listen():
-                    for handler in self._handlers.get(message["channel"], ()):
-                        handler(message["data"])
+                    self._deliver(message["channel"], message["data"])
             except (RedisError, OSError):
                 self._ready.clear()
                 await asyncio.sleep(delay)  # back off while Redis is away
@@ -73,6 +76,17 @@ class RedisBus:
                 if pubsub is not None:
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    def _deliver(self, channel: str, data: str) -> None:
+        """Each handler on its own: a message one cannot take (bad JSON from a foreign publisher) is dropped
+        and reported, and the subscription goes on for everyone; it must never end the bus."""
+        for handler in self._handlers.get(channel, ()):
+            try:
+                handler(data)
+            except Exception:  # whatever a handler raises: the others, and later messages, still get through
+                self.dropped += 1
+                log.exception("redis bus: a handler of channel %r failed on a message; the message is dropped",
+                              channel)
 
     async def close(self) -> None:
         if self._task is not None:
