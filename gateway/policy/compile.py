@@ -91,7 +91,7 @@ def _resource_matcher(resources: tuple[str, ...] | None) -> tuple[frozenset[str]
     return exact, re.compile("|".join(globs)) if globs else None
 
 
-def _compile_agent(spec: AgentSpec, errors: list[RuleError]) -> AgentPolicy:
+def _compile_agent(spec: AgentSpec, errors: list[RuleError], conditions: dict[str, Condition]) -> AgentPolicy:
     compiled: dict[str, Rule] = {}
     index: dict[str, int] = defaultdict(int)  # position among the agent's rules of the same effect
     for rule in spec.rules:
@@ -100,7 +100,11 @@ def _compile_agent(spec: AgentSpec, errors: list[RuleError]) -> AgentPolicy:
         condition = None
         if rule.when is not None:
             try:
-                condition = compile_condition(rule.when)
+                # One compiled program per distinct text across the rule set: generated or templated agents
+                # repeat conditions, and shared programs are fewer objects for each decision to touch.
+                condition = conditions.get(rule.when)
+                if condition is None:
+                    condition = conditions[rule.when] = compile_condition(rule.when)
             except ConditionError as exc:
                 loc = rule.when_loc or rule.loc
                 # The file's own path (`hold[0].when`), also for rules with an explicit `id:`.
@@ -131,7 +135,8 @@ def _compile_agent(spec: AgentSpec, errors: list[RuleError]) -> AgentPolicy:
 def compile_policy(ruleset: RuleSet, default_hold_timeout: float = DEFAULT_HOLD_TIMEOUT) -> Policy:
     """Compile every condition and index; raise `RuleSetInvalid` with all CEL errors at once."""
     errors: list[RuleError] = []
-    agents = {agent_id: _compile_agent(spec, errors) for agent_id, spec in ruleset.agents.items()}
+    conditions: dict[str, Condition] = {}
+    agents = {agent_id: _compile_agent(spec, errors, conditions) for agent_id, spec in ruleset.agents.items()}
     if errors:
         raise RuleSetInvalid(errors)
     upstreams = {
