@@ -24,31 +24,29 @@ from .store import (
 class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._values: dict[str, float] = {}
-        self._expires: dict[str, float] = {}
+        self._cells: dict[str, tuple[float, float]] = {}  # key -> (value, expires at): one lookup per read
         self._next_sweep = 0.0
 
     # -- storage with lazy expiry -------------------------------------------------------------------------------
     def _get(self, key: str, now: float) -> float | None:
-        expires = self._expires.get(key)
-        if expires is not None and expires <= now:
-            self._values.pop(key, None)
-            self._expires.pop(key, None)
+        cell = self._cells.get(key)
+        if cell is None:
             return None
-        return self._values.get(key)
+        if cell[1] <= now:
+            del self._cells[key]
+            return None
+        return cell[0]
 
     def _set(self, key: str, value: float, expires_at: float) -> None:
-        self._values[key] = value
-        self._expires[key] = expires_at
+        self._cells[key] = (value, expires_at)
 
     def _sweep(self, now: float) -> None:
         """Drop expired keys every few seconds (not per call), so ended windows and one-off loop cells go."""
         if now < self._next_sweep:
             return
         self._next_sweep = now + 5.0
-        for key in [k for k, t in self._expires.items() if t <= now]:
-            self._values.pop(key, None)
-            self._expires.pop(key, None)
+        for key in [k for k, (_, expires) in self._cells.items() if expires <= now]:
+            del self._cells[key]
 
     # -- the protocol --------------------------------------------------------------------------------------------
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
@@ -103,8 +101,7 @@ class MemoryStore:
         now = self._clock()
         if self._get(plan.marker, now) is None:  # already settled, or never reserved
             return Settlement(tuple(int(self._get(b.key, now) or 0) for b in plan.budgets), (), applied=False)
-        self._values.pop(plan.marker, None)
-        self._expires.pop(plan.marker, None)
+        del self._cells[plan.marker]
         used_after: list[int] = []
         alerts: list[tuple[int, float]] = []
         for i, budget in enumerate(plan.budgets):
@@ -113,6 +110,8 @@ class MemoryStore:
             total = int(self._get(budget.key, now) or 0) + delta
             self._set(budget.key, total, now + budget.ttl)
             used_after.append(total)
+            if not budget.alert_at:
+                continue
             fired = int(self._get(budget.alert_key, now) or 0)  # how many thresholds already fired
             crossed = [t for t in budget.alert_at if total >= t * budget.limit]
             if len(crossed) > fired:

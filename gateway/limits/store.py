@@ -55,7 +55,9 @@ class BudgetCounter:
                 "resets_at": self.resets_at}
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per call, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about six times as much.
+@dataclass(slots=True)
 class Plan:
     """Everything one call must reserve, decided before any store I/O."""
 
@@ -82,7 +84,9 @@ def budget_cost(counter: BudgetCounter, input_tokens: int, output_tokens: int) -
     return counter.per_input * input_tokens + counter.per_output * output_tokens
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per call, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about six times as much.
+@dataclass(slots=True)
 class Refusal:
     type: Literal["rate_limited", "budget_exceeded"]
     counter: str  # the id of the rate limit, budget or loop detector that refused
@@ -90,7 +94,9 @@ class Refusal:
     detail: str | None = None  # `loop_detected` for the loop detector
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per call, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about six times as much.
+@dataclass(slots=True)
 class Reservation:
     plan: Plan
     output: int  # output tokens granted (lower than asked when clamped)
@@ -98,7 +104,9 @@ class Reservation:
     remaining: tuple[int, ...]  # each rate counter's remaining units after this reservation
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: one is built per call, and a frozen dataclass's __init__
+# (object.__setattr__ per field) costs about six times as much.
+@dataclass(slots=True)
 class Settlement:
     used: tuple[int, ...]  # each budget's total after settling, in plan order
     alerts: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (budget index, threshold) crossed
