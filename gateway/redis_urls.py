@@ -18,6 +18,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from redis.asyncio import Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 Client = Redis | RedisCluster
 
@@ -71,8 +73,41 @@ def redis_client(url: str, *, socket_timeout: float | None, connect_timeout: flo
     for option in ("health_check_interval", "retry"):
         options.pop(option, None)
     options.setdefault("driver_info", None)
-    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **timeouts, **auth, **tls,
-                        **options)
+    return ClusterClient(startup_nodes=[ClusterNode(host, port) for host, port in nodes], **timeouts, **auth, **tls,
+                    **options)
+
+
+class ClusterUnavailable(RedisConnectionError):
+    """The cluster could not be reached or does not cover a slot now (redis-py's `RedisClusterException`)."""
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client, whose "cannot be connected" and "slot not covered" errors are `RedisError`s,
+    and whose slot map can be re-read on demand.
+
+    redis-py raises `RedisClusterException` for them, which is not a `RedisError`: every caller's
+    `except RedisError` (the store, approvals, the kill switch, the bus) missed it, so a cluster unreachable at
+    start crashed the gateway's start-up and ended the bus's reconnect loop for good. (A pipeline initialises
+    through `initialize` too.)
+    """
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnavailable(str(exc)) from exc
+
+    async def reload_slots(self) -> None:
+        """Read the slot map again now. redis-py does after its own commands fail, but not after a pub/sub
+        connection's: a subscription whose node died (a failover) went on picking that node from a stale map."""
+        self._initialize = True
+        await self.initialize()
 
 
 class _SentinelMaster(Redis):

@@ -7,11 +7,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
-from .redis_urls import redis_client
+from .redis_urls import ClusterClient, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,10 @@ class RedisBus:
         while True:
             pubsub = None
             try:
-                if isinstance(self._client, RedisCluster):
-                    await self._client.initialize()  # the slot map, from which the pub/sub picks its node
+                if isinstance(self._client, ClusterClient):
+                    # The slot map, from which the pub/sub picks its node: read afresh on every reconnect, or after
+                    # a failover the subscription would go on picking the dead master.
+                    await self._client.reload_slots()
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(*self._handlers)
                 self._ready.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from gateway.demo.fakes import FakeUpstreams, start_all
 from gateway.server import RunningGateway, start_gateway
@@ -100,10 +102,12 @@ def free_port() -> int:
         return port
 
 
-def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
-    """One command over a raw socket, first reply line returned: independent of the client under test."""
+def redis_command(port: int, *args: str, timeout: float = 2.0, tls: ssl.SSLContext | None = None) -> bytes:
+    """One command over a raw socket (TLS with `tls`), first reply line returned: independent of the client under
+    test."""
     payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw, \
+            (tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw) as sock:
         sock.sendall(payload)
         reply = b""
         while not reply.endswith(b"\r\n"):
@@ -114,17 +118,63 @@ def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
     return reply.split(b"\r\n", 1)[0]
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate, as files for redis-server and the
+    store URL's TLS options."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> RedisTls:
+        ca = trustme.CA()
+        server, client = ca.issue_cert("127.0.0.1"), ca.issue_cert("agent-gateway")
+        files = cls(*(directory / f"{name}.pem" for name in ("ca", "cert", "key", "client-cert", "client-key")))
+        ca.cert_pem.write_to_path(str(files.ca))
+        server.cert_chain_pems[0].write_to_path(str(files.cert))
+        server.private_key_pem.write_to_path(str(files.key))
+        client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+        client.private_key_pem.write_to_path(str(files.client_key))
+        return files
+
+    def server_args(self, port: int) -> tuple[str, ...]:
+        """TLS only: no plaintext port; clients must show a certificate of the CA; the cluster bus is TLS too."""
+        return ("--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "yes",
+                "--tls-cluster", "yes", "--tls-replication", "yes")
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca), "--cert", str(self.client_cert), "--key", str(self.client_key)]
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+    @property
+    def query(self) -> str:
+        return f"ssl_ca_certs={self.ca}&ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}"
+
+
 class RedisProcess:
     """A redis-server on a loopback port that a test can stop, restart on the same port, pause and resume.
 
     `persistent` keeps the data across a stop/start (append-only file, fsync always), for tests of recovery;
-    `extra_args` go to redis-server as they are (e.g. a TLS port).
+    `extra_args` go to redis-server as they are (e.g. a TLS port); with `tls`, `port` is a TLS port and there is
+    no plaintext one.
     """
 
-    def __init__(self, port: int | None = None, *, persistent: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, port: int | None = None, *, persistent: bool = False, extra_args: tuple[str, ...] = (),
+                 tls: RedisTls | None = None) -> None:
         self.port = port or free_port()
         self.persistent = persistent
         self.extra_args = extra_args
+        self.tls = tls
+        self._probe = tls.context() if tls else None
         self.dir = Path(tempfile.mkdtemp(prefix="agw-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
@@ -143,6 +193,8 @@ class RedisProcess:
                 "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
         if self.persistent:
             args += ["--appendfsync", "always"]
+        if self.tls is not None:
+            args += self.tls.server_args(self.port)
         args += self.extra_args
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + ready_within
@@ -151,7 +203,7 @@ class RedisProcess:
                 self._proc = None
                 pytest.fail(f"redis-server exited at start-up:\n{self._log_tail()}", pytrace=False)
             try:
-                if redis_command(self.port, "PING") == b"+PONG":
+                if redis_command(self.port, "PING", tls=self._probe) == b"+PONG":
                     return
             except OSError:
                 pass
@@ -173,6 +225,17 @@ class RedisProcess:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as in a crash."""
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait(10)
+        self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None
 
     def pause(self) -> None:
         """SIGSTOP: the kernel still accepts connections, but nothing ever answers."""
@@ -229,44 +292,129 @@ def cluster_port() -> int:
 
 
 class RedisClusterProcesses:
-    """Three cluster-enabled redis-servers joined by `redis-cli --cluster create`, each owning a third of the slots."""
+    """Cluster-enabled redis-servers joined by `redis-cli --cluster create`: by default three masters, no replicas,
+    each owning a third of the slots. With `replicas`, each master has that many replicas (synced before `start`
+    returns); with `tls`, the nodes speak only TLS (clients and the cluster bus) and require a client certificate.
+    """
 
-    def __init__(self) -> None:
-        self.nodes = [RedisProcess(cluster_port()) for _ in range(3)]
+    def __init__(self, masters: int = 3, *, replicas: int = 0, node_timeout_ms: int = 2000,
+                 tls: RedisTls | None = None) -> None:
+        self.replicas = replicas
+        self.tls = tls
+        self.nodes = [RedisProcess(cluster_port(), tls=tls) for _ in range(masters * (1 + replicas))]
         for node in self.nodes:
             node.extra_args = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf",
-                               "--cluster-node-timeout", "2000")
+                               "--cluster-node-timeout", str(node_timeout_ms),
+                               *(("--repl-diskless-sync-delay", "0") if replicas else ()))  # default: 5 s
         self.ports = [node.port for node in self.nodes]
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        return f"rediss+cluster://{hosts}?{self.tls.query}" if self.tls else f"redis+cluster://{hosts}"
+
+    def cli(self, *args: str, port: int | None = None, check: bool = False, stdin: str | None = None) -> str:
+        """redis-cli (over TLS with the client certificate if the cluster is TLS), its output as text; `stdin`:
+        commands, one a line, on one connection."""
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed; the Redis Cluster tests need it", pytrace=False)
+        argv = [cli, *(self.tls.cli_args() if self.tls else ()), *(("-p", str(port)) if port else ()), *args]
+        return subprocess.run(argv, capture_output=True, timeout=30, check=check,
+                              input=stdin.encode() if stdin is not None else None).stdout.decode(errors="replace")
+
+    def replicated(self, key: str) -> int:
+        """How many replicas of `key`'s master hold every write made so far: a write of this connection to the
+        slot, then WAIT (which waits for this connection's own last write, so it needs one)."""
+        master = self.master_of(key)
+        fence = f"{key}:fence" if "{" in key else f"{{{key}}}:fence"  # in the key's slot either way
+        reply = self.cli(stdin=f"SET {fence} 1\nWAIT 1 2000\n", port=master.port).split()
+        assert reply[0] == "OK", reply
+        return int(reply[1])
+
+    def cluster_states(self) -> list[str]:
+        """cluster_state (ok or fail) as each live node reports it."""
+        return [next((line.partition(":")[2].strip() for line in self.cli("cluster", "info", port=node.port)
+                      .splitlines() if line.startswith("cluster_state:")), "unknown")
+                for node in self.nodes if node.running]
 
     def start(self, ready_within: float = 30.0) -> None:
         for node in self.nodes:
             node.start()
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            pytest.fail("redis-cli is not installed; the Redis Cluster tests need it", pytrace=False)
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
-        deadline = time.monotonic() + ready_within
-        pending = list(self.ports)
-        while pending:  # bounded: until every node reports the cluster as ok
-            pending = [port for port in pending if b"cluster_state:ok" not in subprocess.run(
-                [cli, "-p", str(port), "cluster", "info"], capture_output=True, timeout=5, check=False).stdout]
-            if pending and time.monotonic() > deadline:
-                pytest.fail(f"redis cluster not ok within {ready_within}s on ports {pending}", pytrace=False)
-            if pending:
-                time.sleep(0.05)  # between polls of CLUSTER INFO only
+        self.cli("--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes", check=True)
+        self.wait_until(lambda: all("cluster_state:ok" in self.cli("cluster", "info", port=port)
+                                    for port in self.ports), "cluster_state:ok on every node", ready_within)
+        if self.replicas:
+            self.wait_until(lambda: all(self._synced(self.cli("info", "replication", port=port))
+                                        for port in self.ports), "every replica in sync with its master",
+                            ready_within)
+
+    def _synced(self, replication: str) -> bool:
+        if "role:master" in replication:
+            return f"connected_slaves:{self.replicas}" in replication
+        return "master_link_status:up" in replication and "master_sync_in_progress:0" in replication
+
+    def wait_until(self, condition: Callable[[], bool], what: str, within: float) -> None:
+        """Bounded polling of the nodes' own state (CLUSTER INFO, roles): the processes, not the code under test."""
+        deadline = time.monotonic() + within
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"redis cluster: not within {within}s: {what}", pytrace=False)
+            time.sleep(0.05)  # between polls of the nodes only
+
+    def topology(self, port: int | None = None) -> list[ClusterNodeState]:
+        """CLUSTER NODES as one live node sees it."""
+        port = port or next(node.port for node in self.nodes if node.running)
+        states = []
+        for line in self.cli("cluster", "nodes", port=port).splitlines():
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            flags = set(fields[2].split(","))
+            states.append(ClusterNodeState(fields[0], int(fields[1].split("@")[0].rpartition(":")[2]), flags,
+                                           None if fields[3] == "-" else fields[3], tuple(fields[8:])))
+        return states
+
+    def master_of(self, key: str) -> RedisProcess:
+        """The node that serves `key`'s slot now."""
+        slot = int(self.cli("cluster", "keyslot", key, port=next(n.port for n in self.nodes if n.running)))
+        for state in self.topology():
+            if "master" in state.flags and "fail" not in state.flags and state.serves(slot):
+                return next(node for node in self.nodes if node.port == state.port)
+        raise AssertionError(f"no live master serves slot {slot}")
+
+    def replica_of(self, master: RedisProcess) -> RedisProcess:
+        states = self.topology(master.port)
+        master_id = next(state.id for state in states if state.port == master.port)
+        port = next(state.port for state in states if state.master_id == master_id)
+        return next(node for node in self.nodes if node.port == port)
 
     def flush(self) -> None:
         for port in self.ports:
-            assert redis_command(port, "FLUSHALL") == b"+OK"
+            assert redis_command(port, "FLUSHALL", tls=self.tls.context() if self.tls else None) == b"+OK"
 
     def close(self) -> None:
         for node in self.nodes:
             node.close()
+
+
+@dataclass(frozen=True)
+class ClusterNodeState:
+    """One line of CLUSTER NODES."""
+
+    id: str
+    port: int
+    flags: set[str]
+    master_id: str | None
+    slots: tuple[str, ...]
+
+    def serves(self, slot: int) -> bool:
+        for item in self.slots:
+            first, _, last = item.partition("-")
+            if first.isdigit() and int(first) <= slot <= int(last or first):
+                return True
+        return False
 
 
 @pytest.fixture(scope="session")
