@@ -5,9 +5,10 @@
 Starts a fast fake upstream, then each configuration in turn on CPU 0 while `wrk` drives load from CPU 1,
 and prints one table: requests/s, p50, p99, peak RSS, and each configuration's requests/s as a ratio to
 the passthrough and to the gateway with no limits. The configurations are measured in `--rounds` rounds
-(all of them, in order, per round) and each figure is the median over the rounds: a virtual machine's speed
-drifts over minutes, and interleaving exposes every configuration to the same drift. Needs `wrk` (Debian:
-apt-get install wrk) and, for the Redis configuration, `redis-server`.
+(all of them, in order, per round): each figure is the median over the rounds, and each ratio the median of
+the ratios within a round. A virtual machine's speed drifts over minutes; interleaving exposes every
+configuration to the same drift, and ratios within a round compare measurements taken close together.
+Needs `wrk` (Debian: apt-get install wrk) and, for the Redis configuration, `redis-server`.
 """
 
 from __future__ import annotations
@@ -177,6 +178,14 @@ def median_of(config: str, runs: list[Result]) -> Result:
                   sum(r.errors for r in runs), max(r.peak_rss_mb for r in runs))
 
 
+def ratio(rounds: dict[str, list[Result]], config: str, baseline: str) -> float | None:
+    """The median over the rounds of config's requests/s divided by baseline's in the same round."""
+    if baseline not in rounds or config not in rounds:
+        return None
+    return round(statistics.median(c.requests_per_s / b.requests_per_s
+                                   for c, b in zip(rounds[config], rounds[baseline], strict=True)), 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per configuration")
@@ -208,15 +217,12 @@ def main() -> int:
                     print(f"  round {round_}, {config}: {rounds[config][-1].requests_per_s:.0f} req/s",
                           file=sys.stderr)
             results = [median_of(config, rounds[config]) for config in configs]
-    base = next((r.requests_per_s for r in results if r.config == "passthrough"), None)
-    stream_base = next((r.requests_per_s for r in results if r.config == "passthrough-stream"), None)
-    no_limits = next((r.requests_per_s for r in results if r.config == "gateway-no-limits"), None)
     for r in results:
-        # Streaming is compared with the passthrough streaming the same answer, everything else with plain calls.
-        baseline = stream_base if r.config.endswith("stream") else base
-        r.vs_passthrough = round(r.requests_per_s / baseline, 3) if baseline else None
-        r.vs_no_limits = (round(r.requests_per_s / no_limits, 3)
-                          if no_limits and not r.config.startswith("passthrough") else None)
+        # Each ratio is the median over the rounds of the ratio within a round (measured minutes apart at most),
+        # so drift between rounds cancels. Streaming is compared with the passthrough streaming the same answer.
+        baseline = "passthrough-stream" if r.config.endswith("stream") else "passthrough"
+        r.vs_passthrough = ratio(rounds, r.config, baseline)
+        r.vs_no_limits = None if r.config.startswith("passthrough") else ratio(rounds, r.config, "gateway-no-limits")
     print(f"\n{'configuration':<24}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MB':>8}"
           f"{'x pass':>8}{'x no-lim':>9}")
     for r in results:
@@ -227,6 +233,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"connections": args.connections, "duration_s": args.duration,
                                                "rounds": args.rounds,
+                                               "per_round": {c: [asdict(r) for r in rs] for c, rs in rounds.items()},
                                                "results": [asdict(r) for r in results]}, indent=2))
     return 0
 
