@@ -25,6 +25,7 @@ import httptools
 from multidict import CIMultiDict
 
 from .policy.spec import UpstreamTlsSpec
+from .upstream_tls import file_times, tls_context
 
 # RFC 9110 9.2.2: only these may be sent again when a pooled connection turns out to be dead.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -369,37 +370,6 @@ async def _exchange(conn: _Connection, data: bytes, read_timeout: float, no_body
         raise
 
 
-def tls_context(tls: UpstreamTlsSpec | None) -> ssl.SSLContext:
-    """A client context that verifies the upstream (system CAs, or its own bundle) and may present a certificate.
-
-    Raises OSError or ssl.SSLError for files that are missing or are not PEM certificates and keys.
-    """
-    context = ssl.create_default_context(cafile=tls.ca_file if tls is not None else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    if tls is not None and tls.cert_file is not None:
-        # An encrypted key fails to load rather than OpenSSL prompting for a passphrase on the terminal.
-        context.load_cert_chain(tls.cert_file, tls.key_file, password=_no_passphrase)
-    return context
-
-
-def _no_passphrase() -> bytes:
-    return b""
-
-
-def _mtimes(tls: UpstreamTlsSpec | None) -> tuple[float, ...]:
-    """Files' modification times: a certificate rotated in place makes a new context (and new connections)."""
-    if tls is None:
-        return ()
-    times: list[float] = []
-    for path in (tls.ca_file, tls.cert_file, tls.key_file):
-        try:
-            times.append(os.stat(path).st_mtime if path is not None else 0.0)
-        except OSError:
-            times.append(-1.0)
-    return tuple(times)
-
-
 class UpstreamPool:
     """Idle connections per origin (host, port, TLS settings), reused most-recent first."""
 
@@ -429,7 +399,7 @@ class UpstreamPool:
         return await _exchange(conn, data, read_timeout, no_body)
 
     def _context(self, tls: UpstreamTlsSpec | None) -> ssl.SSLContext:
-        times = _mtimes(tls)
+        times = file_times(tls)
         cached = self._contexts.get(tls)
         if cached is not None and cached[0] == times:
             return cached[1]

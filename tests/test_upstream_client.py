@@ -38,8 +38,8 @@ from gateway.upstream_client import (
     UpstreamConnectFailed,
     UpstreamPool,
     UpstreamResponse,
-    tls_context,
 )
+from gateway.upstream_tls import tls_context
 
 READ_TIMEOUT = 0.3  # seconds, for the tests about it; the others allow 5
 BIG = bytes(range(256)) * (32 * 1024)  # 8 MiB

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from gateway.policy.spec import (
     Window,
 )
 from gateway.policy.yamlsource import Node, Reader, did_you_mean, parse_duration
-from gateway.upstream_client import tls_context
+from gateway.upstream_tls import tls_problem
 
 __all__ = ["KEYS", "Keys", "load_rules", "parse_duration", "summary"]
 
@@ -342,32 +341,12 @@ def _tls(reader: Reader, node: Node | None, url: str) -> UpstreamTlsSpec | None:
         return None
     spec = UpstreamTlsSpec(**files)
     # Built once here so a bad file stops the load, not the first call; the pool builds its own at connect time.
-    try:
-        tls_context(spec)
-    except (OSError, ssl.SSLError) as exc:
-        key, problem = _tls_culprit(spec, exc)
+    failure = tls_problem(spec)
+    if failure is not None:
+        key, problem = failure
         reader.bad_value(fields[key], problem)
         return None
     return spec
-
-
-def _tls_culprit(spec: UpstreamTlsSpec, exc: OSError | ssl.SSLError) -> tuple[str, str]:
-    """Which tls field made `tls_context` fail, and why, in words that carry nothing read from the files."""
-    if spec.ca_file is not None:
-        try:
-            tls_context(UpstreamTlsSpec(ca_file=spec.ca_file))
-        except (OSError, ssl.SSLError) as ca_exc:
-            return "ca_file", "cannot be loaded: " + _ssl_problem(ca_exc, "not a PEM CA certificate bundle")
-    problem = _ssl_problem(exc, "not a PEM certificate and its unencrypted private key")
-    if spec.key_file is not None:
-        return "key_file", "cannot be loaded with cert_file: " + problem
-    return "cert_file", "cannot be loaded: " + problem
-
-
-def _ssl_problem(exc: OSError | ssl.SSLError, default: str) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return "the private key does not match the certificate" if exc.reason == "KEY_VALUES_MISMATCH" else default
-    return os.strerror(exc.errno).lower() if exc.errno else default
 
 
 def _prices(reader: Reader, node: Node | None) -> dict[str, PriceSpec]:
