@@ -381,14 +381,27 @@ class RedisClusterProcesses:
         slot = int(self.cli("cluster", "keyslot", key, port=next(n.port for n in self.nodes if n.running)))
         for state in self.topology():
             if "master" in state.flags and "fail" not in state.flags and state.serves(slot):
-                return next(node for node in self.nodes if node.port == state.port)
+                for node in self.nodes:
+                    if node.port == state.port:
+                        return node
         raise AssertionError(f"no live master serves slot {slot}")
 
-    def replica_of(self, master: RedisProcess) -> RedisProcess:
-        states = self.topology(master.port)
-        master_id = next(state.id for state in states if state.port == master.port)
-        port = next(state.port for state in states if state.master_id == master_id)
-        return next(node for node in self.nodes if node.port == port)
+    def replica_of(self, master: RedisProcess, within: float = 20.0) -> RedisProcess:
+        """`master`'s replica, once the master's own CLUSTER NODES lists it (on a busy machine it may lag).
+
+        No bare next() here or in `master_of`: these run in threads (asyncio.to_thread), and a StopIteration
+        cannot cross into a future, so the test would hang instead of failing."""
+        found: list[RedisProcess] = []
+
+        def listed() -> bool:
+            states = self.topology(master.port)
+            ids = [state.id for state in states if state.port == master.port]
+            ports = {state.port for state in states if ids and state.master_id == ids[0]}
+            found[:] = [node for node in self.nodes if node.port in ports]
+            return bool(found)
+
+        self.wait_until(listed, f"a replica of the master on port {master.port}", within)
+        return found[0]
 
     def flush(self) -> None:
         for port in self.ports:
