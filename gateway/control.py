@@ -17,6 +17,7 @@ from .errors import StoreUnavailable
 from .redis_calls import bounded
 from .redis_urls import redis_client
 from .redisbus import RedisBus
+from .tasks import stop
 
 PAUSED_KEY = "agw:{control}:paused"
 CHANNEL = "agw:control:paused"
@@ -132,10 +133,7 @@ class RedisControl(Control):
         self._apply(agent, None)
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        await stop(self._refresher)
         await self._bus.close()
         await self._client.aclose()
 

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
 from .redis_urls import ClusterClient, redis_client
+from .tasks import stop
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,5 @@ class RedisBus:
                               channel)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop(self._task)
         await self._client.aclose()

@@ -17,6 +17,7 @@ from typing import Any
 
 from .policy.compile import Policy
 from .policy.spec import RuleSetInvalid
+from .tasks import stop
 from .trace.event import TraceEvent, new_span_id, new_trace_id
 from .trace.sinks import TraceSink
 
@@ -155,10 +156,7 @@ class Reloader:
                 await self.reload("watch", "file watcher")
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        await stop(self._watcher)
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.current.version, "git_commit": self.current.git_commit,

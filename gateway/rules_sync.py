@@ -19,6 +19,7 @@ from .redis_calls import bounded
 from .redis_urls import redis_client
 from .redisbus import RedisBus
 from .reload import Reloader, Served
+from .tasks import stop
 
 CHANNEL = "agw:control:rules"
 REPLICAS_KEY = "agw:{control}:replicas"
@@ -94,10 +95,7 @@ class RedisRulesSync(RulesSync):
         return sorted((r for r in seen if r["at"] >= fresh), key=lambda r: str(r["replica"]))
 
     async def close(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await stop(self._heartbeat)
         with contextlib.suppress(StoreUnavailable):
             await bounded("leave replicas", self._client.hdel(REPLICAS_KEY, self.id), self._timeout)
         await self._bus.close()

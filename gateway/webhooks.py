@@ -9,6 +9,8 @@ from typing import Any
 
 import aiohttp
 
+from .tasks import stop
+
 
 class WebhookPoster:
     """`post` never waits. A delivery that fails every attempt is reported to `on_give_up`."""
@@ -55,6 +57,4 @@ class WebhookPoster:
         if self._worker is not None and not self._worker.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._worker), grace)
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+            await stop(self._worker)

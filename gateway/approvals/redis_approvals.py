@@ -23,6 +23,7 @@ from ..errors import StoreUnavailable
 from ..redis_calls import bounded
 from ..redis_urls import redis_client
 from ..redisbus import RedisBus
+from ..tasks import stop
 from .record import LEASE_SECONDS, RETRY_TTL, Approval, ApprovalConflict, Grant, grant_scope
 
 PREFIX = "agw:{approvals}"
@@ -281,9 +282,6 @@ class RedisApprovals:
 
     async def close(self) -> None:
         self._wake_all()
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+        await stop(self._lease_task)
         await self._bus.close()
         await self._client.aclose()

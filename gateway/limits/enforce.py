@@ -13,6 +13,7 @@ from ..account import Usage
 from ..errors import GatewayError
 from ..models import Action
 from ..policy.spec import UpstreamSpec
+from ..tasks import stop
 from ..trace.event import TraceEvent, new_span_id, new_trace_id
 from ..trace.sinks import TraceSink
 from .memory_store import MemoryStore
@@ -169,10 +170,7 @@ class Settler:
         """One last attempt; whatever still cannot be settled is written to the trace, never dropped."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        await stop(self._worker)
         for reservation, input_tokens, output_tokens in self._pending:
             with contextlib.suppress(StoreUnavailable):
                 await self.store.settle(reservation, input_tokens, output_tokens)
