@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -113,26 +114,29 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, target: str,
         raise GatewayError("upstream_error", f"upstream {spec.name!r} failed: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _reading_body(upstream: UpstreamSpec) -> Iterator[None]:
+    """The upstream's failures while its body is read, as gateway errors."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise GatewayError("upstream_timeout", f"upstream {upstream.name!r} stalled mid-response") from exc
+    except UpstreamClosed as exc:
+        raise GatewayError("upstream_error", f"upstream {upstream.name!r} broke off its response") from exc
+
+
 async def pump(
     upstream_response: UpstreamResponse, upstream: UpstreamSpec, write: Callable[[bytes], Awaitable[None]],
     observe: Callable[[bytes], None],
 ) -> None:
     """Copy the body chunk by chunk as it arrives (SSE events are not held back); each chunk is observed."""
-    try:
+    with _reading_body(upstream):
         async for chunk in upstream_response.iter_any():
             observe(chunk)
             await write(chunk)
-    except TimeoutError as exc:
-        raise GatewayError("upstream_timeout", f"upstream {upstream.name!r} stalled mid-response") from exc
-    except UpstreamClosed as exc:
-        raise GatewayError("upstream_error", f"upstream {upstream.name!r} broke off its response") from exc
 
 
 async def read_small(upstream_response: UpstreamResponse, upstream: UpstreamSpec) -> bytes:
     """The whole body of a small answer whose length is known; foreign errors become gateway errors."""
-    try:
+    with _reading_body(upstream):
         return await upstream_response.read()
-    except TimeoutError as exc:
-        raise GatewayError("upstream_timeout", f"upstream {upstream.name!r} stalled mid-response") from exc
-    except UpstreamClosed as exc:
-        raise GatewayError("upstream_error", f"upstream {upstream.name!r} broke off its response") from exc
