@@ -274,18 +274,10 @@ class RedisStore:
                     future.set_result(reply)
 
     async def _send(self, batch: list[_Queued]) -> list[Any]:
-        if isinstance(self._client, RedisCluster):
-            # A cluster: each script goes to the node of its plan's slot, all of them at once. (Replies come back
-            # as exceptions, not raised, as a pipeline's do with raise_on_error=False.)
-            return list(await asyncio.gather(
-                *(self._client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
-                  for name, keys, args, _ in batch), return_exceptions=True))
-        # Plain EVALSHA: redis-py's script-aware pipeline would add a SCRIPT EXISTS round trip to every send.
-        pipe = self._client.pipeline(transaction=False)
-        for name, keys, args, _ in batch:
-            pipe.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        """Each script to the node of its plan's slot, all of them at once; replies, or the errors as values."""
+        return list(await asyncio.gather(
+            *(self._client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+              for name, keys, args, _ in batch), return_exceptions=True))
 
     # -- the protocol --------------------------------------------------------------------------------------------
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
@@ -339,9 +331,9 @@ class RedisStore:
             except (RedisError, OSError) as exc:
                 raise self._unavailable("peek", exc) from exc
         else:
-            client = self._client
-            values = await self._call(
-                "peek", lambda: client.mget_nonatomic(keys) if isinstance(client, RedisCluster) else client.mget(keys))
+            cluster = self._client
+            assert isinstance(cluster, RedisCluster)  # without `resp`, always a cluster (from_url)
+            values = await self._call("peek", lambda: cluster.mget_nonatomic(keys))
         tats, totals = values[:len(rates)], values[len(rates):]
         remaining = tuple(_remaining(r, max(float(t) if t else now, now), now)
                           for r, t in zip(rates, tats, strict=True))
