@@ -18,7 +18,7 @@ from ..trace.event import TraceEvent, new_span_id, new_trace_id
 from ..trace.sinks import TraceSink
 from .memory_store import MemoryStore
 from .plan import Planner
-from .store import RateCounter, Refusal, Reservation, Settlement, Store, StoreUnavailable
+from .store import BudgetCounter, RateCounter, Refusal, Reservation, Settlement, Store, StoreUnavailable
 
 
 def refusal_error(refusal: Refusal, reservation_plan_budgets: dict[str, float]) -> GatewayError:
@@ -37,17 +37,21 @@ def refusal_error(refusal: Refusal, reservation_plan_budgets: dict[str, float]) 
                                            f"it resets at {at}", rule=refusal.counter, headers=headers)
 
 
+def _record_budget(event: TraceEvent, budgets: tuple[BudgetCounter, ...], used: tuple[int, ...]) -> None:
+    """The tightest budget, for the trace (at reservation, and again with the settled usage)."""
+    tightest, fill = 0, -1.0
+    for i, budget in enumerate(budgets):
+        ratio = used[i] / (budget.limit if budget.limit > 1 else 1)
+        if ratio > fill:
+            tightest, fill = i, ratio
+    event.budget = budgets[tightest].state(used[tightest])
+
+
 def _record(event: TraceEvent, reservation: Reservation, used: tuple[int, ...]) -> None:
-    """The tightest budget and the tightest rate limit, for the trace (plain loops: this runs twice a call)."""
+    """The tightest budget and the tightest rate limit, for the trace."""
     plan = reservation.plan
-    budgets = plan.budgets
-    if budgets:
-        tightest, fill = 0, -1.0
-        for i, budget in enumerate(budgets):
-            ratio = used[i] / (budget.limit if budget.limit > 1 else 1)
-            if ratio > fill:
-                tightest, fill = i, ratio
-        event.budget = budgets[tightest].state(used[tightest])
+    if plan.budgets:
+        _record_budget(event, plan.budgets, used)
     best: RateCounter | None = None
     best_left, best_share = 0, 0.0
     for rate, left in zip(plan.rates, reservation.remaining, strict=True):
@@ -122,7 +126,8 @@ class Settler:
                 self._worker = asyncio.get_running_loop().create_task(self._retry())
             return
         if settlement.applied:
-            _record(event, reservation, settlement.used)
+            if reservation.plan.budgets:  # the rate limits' room was recorded at reservation
+                _record_budget(event, reservation.plan.budgets, settlement.used)
             self.on_settled(reservation, settlement)
 
     async def _retry(self, first_delay: float = 0.5, max_delay: float = 30.0) -> None:

@@ -37,9 +37,6 @@ class MemoryStore:
             return None
         return cell[0]
 
-    def _set(self, key: str, value: float, expires_at: float) -> None:
-        self._cells[key] = (value, expires_at)
-
     def _sweep(self, now: float) -> None:
         """Drop expired keys every few seconds (not per call), so ended windows and one-off loop cells go."""
         if now < self._next_sweep:
@@ -51,16 +48,22 @@ class MemoryStore:
     # -- the protocol --------------------------------------------------------------------------------------------
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
         now = plan.now
-        self._sweep(now)
-        granted = self._get(plan.marker, now)
-        if granted is not None:  # this reservation already ran: report it again, charge nothing
+        if now >= self._next_sweep:
+            self._sweep(now)
+        cells = self._cells
+        marker = cells.get(plan.marker)
+        if marker is not None and marker[1] > now:  # this reservation already ran: report it again, charge nothing
             left = tuple(_remaining(r, max(self._get(r.key, now) or now, now), now) for r in plan.rates)
-            return Reservation(plan, int(granted), tuple(int(self._get(b.key, now) or 0) for b in plan.budgets),
+            return Reservation(plan, int(marker[0]), tuple(int(self._get(b.key, now) or 0) for b in plan.budgets),
                                left)
         output = plan.output
         # 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
-        used_before = [int(self._get(b.key, now) or 0) for b in plan.budgets]
-        for budget, used in zip(plan.budgets, used_before, strict=True):
+        # (Cells are read inline, not through _get: an expired cell reads as absent and is overwritten below.)
+        used_before: list[int] = []
+        for budget in plan.budgets:
+            cell = cells.get(budget.key)
+            used = int(cell[0]) if cell is not None and cell[1] > now else 0
+            used_before.append(used)
             room = budget.limit - used - budget.per_input * plan.input
             if room < 0:  # the input alone does not fit (or the budget is overdrawn): no output size can help
                 return Refusal("budget_exceeded", budget.id, max(0.0, budget.resets_at - now))
@@ -74,9 +77,9 @@ class MemoryStore:
         # 2. Rate counters (loop detectors first in plan order): GCRA, all checked before any is charged.
         new_tats: list[float] = []
         for rate in plan.rates:
-            interval = rate.period / rate.limit
-            tat = max(self._get(rate.key, now) or now, now)
-            new_tat = tat + rate_cost(rate, plan.input, output) * interval
+            cell = cells.get(rate.key)
+            tat = cell[0] if cell is not None and cell[1] > now and cell[0] > now else now
+            new_tat = tat + rate_cost(rate, plan.input, output) * rate.period / rate.limit
             if new_tat - now > rate.period:
                 retry = new_tat - now - rate.period
                 detail = "loop_detected" if rate.kind == "loop" else None
@@ -86,29 +89,31 @@ class MemoryStore:
         used_after = []
         for budget, used in zip(plan.budgets, used_before, strict=True):
             total = used + budget_cost(budget, plan.input, output)
-            self._set(budget.key, total, now + budget.ttl)
+            cells[budget.key] = (total, now + budget.ttl)
             used_after.append(total)
         remaining = []
         for rate, new_tat in zip(plan.rates, new_tats, strict=True):
-            self._set(rate.key, new_tat, new_tat + 1)
+            cells[rate.key] = (new_tat, new_tat + 1)
             remaining.append(_remaining(rate, new_tat, now))
         if plan.settles:  # nothing here is ever retried, so only settlement needs the marker
-            self._set(plan.marker, output, now + plan.marker_ttl)
+            cells[plan.marker] = (output, now + plan.marker_ttl)
         return Reservation(plan, output, tuple(used_after), tuple(remaining))
 
     async def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> Settlement:
         plan = reservation.plan
         now = self._clock()
+        cells = self._cells
         if self._get(plan.marker, now) is None:  # already settled, or never reserved
             return Settlement(tuple(int(self._get(b.key, now) or 0) for b in plan.budgets), (), applied=False)
-        del self._cells[plan.marker]
+        del cells[plan.marker]
         used_after: list[int] = []
         alerts: list[tuple[int, float]] = []
         for i, budget in enumerate(plan.budgets):
             delta = budget_cost(budget, input_tokens, output_tokens) - budget_cost(budget, plan.input,
                                                                                    reservation.output)
-            total = int(self._get(budget.key, now) or 0) + delta
-            self._set(budget.key, total, now + budget.ttl)
+            cell = cells.get(budget.key)
+            total = (int(cell[0]) if cell is not None and cell[1] > now else 0) + delta
+            cells[budget.key] = (total, now + budget.ttl)
             used_after.append(total)
             if not budget.alert_at:
                 continue
@@ -116,14 +121,14 @@ class MemoryStore:
             crossed = [t for t in budget.alert_at if total >= t * budget.limit]
             if len(crossed) > fired:
                 alerts.extend((i, t) for t in crossed[fired:])
-                self._set(budget.alert_key, len(crossed), now + budget.ttl)
+                cells[budget.alert_key] = (len(crossed), now + budget.ttl)
         for rate in plan.rates:
             delta = rate_cost(rate, input_tokens, output_tokens) - rate_cost(rate, plan.input, reservation.output)
             if delta:
-                tat = self._get(rate.key, now)
-                if tat is not None:
-                    new_tat = tat + delta * rate.period / rate.limit
-                    self._set(rate.key, new_tat, max(new_tat, now) + 1)
+                cell = cells.get(rate.key)
+                if cell is not None and cell[1] > now:
+                    new_tat = cell[0] + delta * rate.period / rate.limit
+                    cells[rate.key] = (new_tat, max(new_tat, now) + 1)
         return Settlement(tuple(used_after), tuple(alerts))
 
     async def peek(self, rates: tuple[RateCounter, ...], budgets: tuple[BudgetCounter, ...],

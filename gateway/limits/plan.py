@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,111 +55,128 @@ def _rate_counter(agent: str, spec: RateLimitSpec) -> RateCounter:
     return RateCounter(spec.id, key, spec.tokens or 1, PERIOD_SECONDS[spec.per], 0, 1, 1)
 
 
+@dataclass(slots=True)
+class _Shape:
+    """What every call on one (upstream, token use, price) reserves: built once, reused while its budget
+    windows last. Per call only the loop counter, the output size and the `Plan` are new."""
+
+    rates: tuple[RateCounter, ...]  # the agent's rate counters for the upstream (the loop counter comes first)
+    budgets: tuple[BudgetCounter, ...]
+    notes: tuple[str, ...]
+    # (limit id, why) of a limit that refuses: any call (an unpriced model), or a call without max_tokens when
+    # no default applies. Kept as text: a fresh error per call, since a raised exception collects a traceback.
+    refusal: tuple[str, str] | None
+    default_output: int | None  # output tokens to reserve when the request sets no max_tokens
+    no_cap: tuple[str, str] | None
+    no_cap_note: str | None
+    settles: bool
+    clamp: bool
+    valid_from: float
+    valid_until: float  # the earliest end of a budget window in `budgets`
+
+
 class Planner:
     """One agent's limits, compiled: `plan` turns an action into the counters it must reserve."""
 
     def __init__(self, agent: AgentSpec) -> None:
         self.agent = agent
         self.tag = agent_tag(agent.id)
-        self._rates: dict[tuple[str, bool], tuple[tuple[RateLimitSpec, RateCounter], ...]] = {}
-        self._budgets: dict[tuple[str, str, PriceSpec | None], BudgetCounter] = {}  # (budget, window, price)
-        self._windows: dict[str, tuple[float, str, float]] = {}  # per -> (start, window id, resets at)
+        self._priced = any(spec.usd is not None for spec in agent.budgets)  # whether the model's price matters
+        self._shapes: dict[tuple[str, bool, PriceSpec | None], _Shape] = {}
         # Reservation ids: unique per process (random prefix) and per call (counter), without uuid4's cost.
         self._ids = itertools.count()
         self._id_prefix = os.urandom(6).hex()
 
-    def _rate_counters(self, upstream: str, uses_tokens: bool) -> tuple[tuple[RateLimitSpec, RateCounter], ...]:
-        found = self._rates.get((upstream, uses_tokens))
-        if found is None:
-            found = tuple((spec, _rate_counter(self.agent.id, spec)) for spec in self.agent.rate_limits
-                          if spec.upstream in (None, upstream) and (spec.requests is not None or uses_tokens))
-            self._rates[(upstream, uses_tokens)] = found
-        return found
-
-    def _window(self, per: str, now: float) -> tuple[str, float]:
-        cached = self._windows.get(per)
-        if cached is None or not cached[0] <= now < cached[2]:
-            window, resets_at = calendar_window(per, now)
-            start = now  # valid from now (the window began earlier; this is only a cache bound)
-            self._windows[per] = cached = (start, window, resets_at)
-        return cached[1], cached[2]
-
-    def _budget_counter(self, spec: BudgetSpec, price: PriceSpec | None, now: float) -> BudgetCounter:
-        window, resets_at = self._window(spec.per, now)
-        key = (spec.id, window, price)
-        counter = self._budgets.get(key)
-        if counter is None:
-            if len(self._budgets) > 256:  # windows and models come and go: keep the cache small
-                self._budgets.clear()
-            unit: Literal["tokens", "usd_nanos"]
-            if spec.tokens is not None or price is None:
-                per_input, per_output, limit, unit = 1, 1, spec.tokens or 0, "tokens"
-            else:
-                per_input, per_output = nanos_per_token(price.input_per_mtok), nanos_per_token(price.output_per_mtok)
-                limit, unit = round((spec.usd or 0) * 1e9), "usd_nanos"
-            counter = BudgetCounter(
-                id=spec.id, key=f"{self.tag}:b:{spec.id}:{window}", alert_key=f"{self.tag}:a:{spec.id}:{window}",
-                limit=limit, per_input=per_input, per_output=per_output, window=window, resets_at=resets_at,
-                ttl=int(resets_at - now) + 86400, alert_at=spec.alert_at, unit=unit)
-            self._budgets[key] = counter
-        return counter
-
-    def _budget_counters(self, action: Action, prices: Mapping[str, PriceSpec], now: float,
-                         notes: list[str]) -> list[tuple[BudgetSpec, BudgetCounter]]:
-        chosen = []
-        for spec in self.agent.budgets:
-            price = None
-            if spec.usd is not None:
-                price = prices.get(action.model or "")
-                if price is None:
-                    if not spec.allow_unestimated:
-                        raise _unestimable(spec.id, f"no price is listed for model {action.model!r}")
-                    notes.append(f"{spec.id}: no price for {action.model!r}, not charged")
-                    continue
-            chosen.append((spec, self._budget_counter(spec, price, now)))
-        return chosen
-
     def plan(self, action: Action, upstream: UpstreamSpec, call_fingerprint: str, now: float) -> Planned:
         """The counters this call touches; `policy_denied` when a limit needs an estimate the call cannot give."""
         uses_tokens = upstream.kind in LLM_KINDS and action.verb in TOKEN_VERBS
-        notes: list[str] = []
-        rates = self._rate_counters(action.upstream, uses_tokens)
-        budgets = self._budget_counters(action, upstream.prices, now, notes) if uses_tokens else []
-        counters: list[RateCounter] = []
+        price = upstream.prices.get(action.model or "") if uses_tokens and self._priced else None
+        key = (action.upstream, uses_tokens, price)
+        shape = self._shapes.get(key)
+        if shape is None or not shape.valid_from <= now < shape.valid_until:
+            shape = self._shape(action, upstream, uses_tokens, price, now)
+            if not shape.notes:  # notes name the model: those shapes are rare and built per call
+                if len(self._shapes) > 256:  # windows, upstreams and prices come and go: keep the cache small
+                    self._shapes.clear()
+                self._shapes[key] = shape
+        if shape.refusal is not None:
+            raise _unestimable(*shape.refusal)
+        notes = shape.notes
+        output = 0
+        if uses_tokens:
+            if action.max_output is not None:
+                output = action.max_output
+            elif shape.default_output is not None:
+                output = shape.default_output
+            elif shape.no_cap is not None:
+                raise _unestimable(*shape.no_cap)
+            elif shape.no_cap_note is not None:
+                notes = (*notes, shape.no_cap_note)
+        rates = shape.rates
         loop = self.agent.loop_detection
         if loop is not None:  # first: a looping agent is told so, not just "rate limited"
-            counters.append(RateCounter(LOOP_ID, f"{self.tag}:loop:{call_fingerprint[:32]}", loop.max_repeats,
-                                        PERIOD_SECONDS[loop.per], 1, 0, 0, kind="loop"))
-        counters.extend(counter for _, counter in rates)
-        output = self._output(action, rates, budgets, notes) if uses_tokens else 0
-        if not counters and not budgets:
-            return Planned(None, tuple(notes))
-        settles = bool(budgets) or any(c.per_input or c.per_output for c in counters)
-        clamp = any(spec.clamp_max_tokens for spec, _ in budgets)
-        plan = Plan(agent=self.agent.id, marker=f"{self.tag}:res:{self._id_prefix}{next(self._ids)}",
-                    marker_ttl=MARKER_TTL if settles else RETRY_MARKER_TTL, rates=tuple(counters),
-                    budgets=tuple(c for _, c in budgets), input=action.input_tokens if uses_tokens else 0,
-                    output=output, min_output=1 if clamp and output > 0 else None, now=now, settles=settles)
-        return Planned(plan, tuple(notes))
+            rates = (RateCounter(LOOP_ID, f"{self.tag}:loop:{call_fingerprint[:32]}", loop.max_repeats,
+                                 PERIOD_SECONDS[loop.per], 1, 0, 0, "loop"), *rates)
+        elif not rates and not shape.budgets:
+            return Planned(None, notes)
+        settles = shape.settles
+        plan = Plan(self.agent.id, f"{self.tag}:res:{self._id_prefix}{next(self._ids)}",
+                    MARKER_TTL if settles else RETRY_MARKER_TTL, rates, shape.budgets,
+                    action.input_tokens if uses_tokens else 0, output, 1 if shape.clamp and output > 0 else None,
+                    now, settles)
+        return Planned(plan, notes)
 
-    @staticmethod
-    def _output(action: Action, rates: tuple[tuple[RateLimitSpec, RateCounter], ...],
-                budgets: list[tuple[BudgetSpec, BudgetCounter]], notes: list[str]) -> int:
-        """Output tokens to reserve: the request's cap, else the largest default cap of the limits involved."""
-        if action.max_output is not None:
-            return action.max_output
+    def _shape(self, action: Action, upstream: UpstreamSpec, uses_tokens: bool, price: PriceSpec | None,
+               now: float) -> _Shape:
+        rates = tuple((spec, _rate_counter(self.agent.id, spec)) for spec in self.agent.rate_limits
+                      if spec.upstream in (None, action.upstream) and (spec.requests is not None or uses_tokens))
+        notes: list[str] = []
+        budgets: list[tuple[BudgetSpec, BudgetCounter]] = []
+        refusal: tuple[str, str] | None = None
+        valid_until = math.inf
+        for spec in self.agent.budgets if uses_tokens else ():
+            if spec.usd is not None and price is None:
+                if not spec.allow_unestimated:
+                    refusal = refusal or (spec.id, f"no price is listed for model {action.model!r}")
+                else:
+                    notes.append(f"{spec.id}: no price for {action.model!r}, not charged")
+                continue
+            counter = self._budget_counter(spec, price if spec.usd is not None else None, now)
+            valid_until = min(valid_until, counter.resets_at)
+            budgets.append((spec, counter))
+        # Output tokens to reserve when the request sets no cap: the largest default cap of the limits
+        # involved; without one, a strict limit refuses and a lenient one reserves the prompt only.
+        default_output, no_cap, no_cap_note = None, None, None
         specs: list[RateLimitSpec | BudgetSpec] = [s for s, c in rates if c.per_output]
         specs += [s for s, _ in budgets]
-        if not specs:
-            return 0
-        defaults = [s.default_output_tokens for s in specs if s.default_output_tokens]
-        if defaults:
-            return max(defaults)
-        strict = [s for s in specs if not s.allow_unestimated]
-        if strict:
-            raise _unestimable(strict[0].id, "the request sets no max_tokens")
-        notes.append("no max_tokens: reserved the prompt only")
-        return 0
+        if specs:
+            defaults = [s.default_output_tokens for s in specs if s.default_output_tokens]
+            strict = [s for s in specs if not s.allow_unestimated]
+            if defaults:
+                default_output = max(defaults)
+            elif strict:
+                no_cap = (strict[0].id, "the request sets no max_tokens")
+            else:
+                no_cap_note = "no max_tokens: reserved the prompt only"
+        counters = tuple(c for _, c in rates)
+        return _Shape(rates=counters, budgets=tuple(c for _, c in budgets), notes=tuple(notes), refusal=refusal,
+                      default_output=default_output if uses_tokens else None, no_cap=no_cap, no_cap_note=no_cap_note,
+                      settles=bool(budgets) or any(c.per_input or c.per_output for c in counters),
+                      clamp=any(spec.clamp_max_tokens for spec, _ in budgets), valid_from=now,
+                      valid_until=valid_until)
+
+    def _budget_counter(self, spec: BudgetSpec, price: PriceSpec | None, now: float) -> BudgetCounter:
+        window, resets_at = calendar_window(spec.per, now)
+        unit: Literal["tokens", "usd_nanos"]
+        if spec.tokens is not None or price is None:
+            per_input, per_output, limit, unit = 1, 1, spec.tokens or 0, "tokens"
+        else:
+            per_input, per_output = nanos_per_token(price.input_per_mtok), nanos_per_token(price.output_per_mtok)
+            limit, unit = round((spec.usd or 0) * 1e9), "usd_nanos"
+        return BudgetCounter(
+            id=spec.id, key=f"{self.tag}:b:{spec.id}:{window}", alert_key=f"{self.tag}:a:{spec.id}:{window}",
+            limit=limit, per_input=per_input, per_output=per_output, window=window, resets_at=resets_at,
+            ttl=int(resets_at - now) + 86400, alert_at=spec.alert_at, unit=unit)
 
     def usage_counters(self, now: float) -> tuple[tuple[RateCounter, ...], tuple[BudgetCounter, ...]]:
         """Every rate limit and budget of the agent, to read its current usage (admin API)."""

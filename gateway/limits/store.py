@@ -16,7 +16,8 @@ from ..errors import StoreUnavailable
 __all__ = ["StoreUnavailable"]  # re-exported: the store protocol's failure
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, though never changed once built: the loop detector's is built per call (see Plan).
+@dataclass(slots=True)
 class RateCounter:
     """A GCRA cell: at most `limit` units per `period` seconds."""
 
