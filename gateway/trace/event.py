@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import operator
 import os
+import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 
+# Trace and span ids need to be unique and unpredictable enough not to collide, not secret: a PRNG seeded from
+# os.urandom (reseeded after a fork) gives them without a getrandom system call per id, twice per request.
+def _reseed() -> None:
+    global _bits
+    _bits = random.Random(os.urandom(32)).getrandbits
+
+
+_bits = random.Random(os.urandom(32)).getrandbits
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_trace_id() -> str:
-    return os.urandom(16).hex()
+    """32 hex digits, never all zeros (W3C trace context forbids that id)."""
+    return f"{_bits(128) or 1:032x}"
 
 
 def new_span_id() -> str:
-    return os.urandom(8).hex()
+    """16 hex digits, never all zeros."""
+    return f"{_bits(64) or 1:016x}"
 
 
 @dataclass(slots=True)
