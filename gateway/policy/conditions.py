@@ -2,17 +2,20 @@
 
 The CEL library converts its whole input on every call (a large chat body costs ~100 us), so each
 condition records the `agent.*`, `action.*` and `request.*` paths it references and is given a context
-holding just those. The same values are the decision's evidence.
+holding just those. The same values are the decision's evidence. Conditions in the subset `cel_fast` compiles
+are decided by Python closures, falling back to the library where they cannot be sure of its answer.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cel
+
+from .cel_fast import Fallback, FastProgram, compile_fast
 
 ROOTS = ("agent", "action", "request")
 _ROOT = re.compile(r"(?<![\w.])(agent|action|request)\b")
@@ -53,6 +56,11 @@ class Condition:
     source: str
     program: Any  # cel.Program
     paths: tuple[Path, ...]
+    fast: FastProgram | None = field(default=None, compare=False)  # None: the library decides every call
+    keys: tuple[str, ...] = field(init=False, repr=False, compare=False)  # the evidence keys of `paths`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(".".join(path) for path in self.paths))
 
     @property
     def needs_json(self) -> bool:
@@ -60,12 +68,21 @@ class Condition:
 
     def evaluate(self, resolve: Callable[[Path], Any]) -> tuple[bool | Exception, dict[str, Any]]:
         """Run the condition; returns (True/False, or the error it raised) and the evidence it read."""
-        context: dict[str, Any] = {}
         evidence: dict[str, Any] = {}
-        for path in self.paths:
+        values: list[Any] = []
+        for path, key in zip(self.paths, self.keys, strict=True):
             value = resolve(path)
+            values.append(value)
+            evidence[key] = None if value is _MISSING else value
+        if self.fast is not None:
+            try:
+                return self.fast(values), evidence
+            except Fallback:
+                pass
+        # The library is handed a nested dict built only now: the fast path, when it decides, never needs it.
+        context: dict[str, Any] = {}
+        for path, value in zip(self.paths, values, strict=True):
             _place(context, path, value)
-            evidence[".".join(path)] = None if value is _MISSING else value
         try:
             result = self.program.execute(context)
         except Exception as exc:  # the CEL library raises KeyError/TypeError/RuntimeError/ValueError
@@ -83,7 +100,8 @@ def compile_condition(source: str) -> Condition:
     unknown = sorted(set(program.variables()) - set(ROOTS) - _bound_names(source))
     if unknown:
         raise ConditionError(f"unknown variable {unknown[0]!r}: conditions see only agent, action and request")
-    return Condition(source, program, referenced_paths(source))
+    paths = referenced_paths(source)
+    return Condition(source, program, paths, compile_fast(source, paths, _MISSING))
 
 
 def _bound_names(source: str) -> set[str]:
