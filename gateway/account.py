@@ -51,22 +51,23 @@ class UsageMeter:
         self.sse = content_type.startswith("text/event-stream")
         self.json = content_type.startswith("application/json")
         self.usage: Usage | None = None
-        self._buffer = bytearray()
+        self._line = b""  # SSE: the unfinished last line
+        self._buffer = bytearray()  # JSON: the body so far
         self._overflow = False
 
     def feed(self, chunk: bytes) -> None:
         if self.sse:
-            data = self._buffer + chunk if self._buffer else chunk  # the unfinished line, then the new bytes
-            if b'"usage"' not in data:
-                # Most stream chunks: nothing to read; keep only an unfinished last line for the next chunk.
-                self._buffer = bytearray(data[data.rfind(b"\n") + 1:])
-                return
-            *lines, rest = data.split(b"\n")
-            self._buffer = bytearray(rest)
-            for line in lines:
-                # Only events that mention usage are parsed.
-                if line.startswith(b"data:") and b'"usage"' in line:
-                    self._take(line[5:])
+            data = self._line + chunk if self._line else chunk
+            end = data.rfind(b"\n") + 1  # the complete lines end here; the rest waits for the next chunk
+            self._line = data[end:]
+            # Only the complete lines that mention usage are looked at (most chunks have none).
+            at = data.find(b'"usage"', 0, end)
+            while at != -1:
+                start = data.rfind(b"\n", 0, at) + 1
+                stop = data.index(b"\n", at)
+                if data.startswith(b"data:", start):
+                    self._take(data[start + 5:stop])
+                at = data.find(b'"usage"', stop, end)
         elif self.json and not self._overflow:
             self._buffer += chunk
             if len(self._buffer) > MAX_JSON_COPY:
@@ -74,10 +75,11 @@ class UsageMeter:
                 self._buffer = bytearray()
 
     def finish(self) -> Usage | None:
-        if self.sse and self._buffer.startswith(b"data:"):
-            self._take(bytes(self._buffer[5:]))
+        if self.sse and self._line.startswith(b"data:"):
+            self._take(self._line[5:])
         elif self.json and self._buffer:
             self._take(bytes(self._buffer))
+        self._line = b""
         self._buffer = bytearray()
         return self.usage
 
@@ -111,22 +113,63 @@ class UsageChunkFilter:
     whole, as soon as each is complete."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = b""  # an unfinished event
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._buffer and b'"usage"' not in chunk and chunk.endswith(_WHOLE_EVENTS):
-            return chunk  # whole events only, none of them usage: passed on as they are, unsplit
-        self._buffer += chunk
-        parts = _EVENT_END.split(self._buffer)  # event, separator, event, separator, ..., the incomplete rest
+        if self._buffer:
+            data = self._buffer + chunk
+            at = data.find(b'"usage"')
+        else:
+            data = chunk
+            at = chunk.find(b'"usage"')
+            if at == -1 and chunk.endswith(_WHOLE_EVENTS):
+                return chunk  # whole events only, none of them usage: passed on as they are, unsplit
+        if b"\r" in data:
+            return self._split(data)
+        # LF only: events are found around where usage is mentioned, not by splitting them all, and the bytes
+        # between usage-only events pass on as they are.
+        whole = _event_start(data, len(data))
+        self._buffer = data[whole:]
+        if not -1 < at < whole:
+            return data[:whole]
+        kept: list[bytes] = []
+        done = 0
+        while at != -1:
+            start = _event_start(data, at)
+            end = data.index(b"\n\n", at) + 2
+            if _usage_only(data[start:end - 2]):
+                kept.append(data[done:start])
+                done = end
+            at = data.find(b'"usage"', end, whole)
+        kept.append(data[done:whole])
+        return b"".join(kept)
+
+    def _split(self, data: bytes) -> bytes:
+        parts = _EVENT_END.split(data)  # event, separator, event, separator, ..., the incomplete rest
+        self._buffer = parts[-1]
         if len(parts) == 1:
             return b""
-        self._buffer = bytearray(parts[-1])
         events = zip(parts[0:-1:2], parts[1::2], strict=True)
         return b"".join(event + end for event, end in events if b'"usage"' not in event or not _usage_only(event))
 
     def flush(self) -> bytes:
-        rest, self._buffer = bytes(self._buffer), bytearray()
+        rest, self._buffer = self._buffer, b""
         return b"" if _usage_only(rest) else rest
+
+
+def _event_start(data: bytes, at: int) -> int:
+    """Where the event holding `at` starts, in data with LF line ends only (`at` on no line end, or at the end).
+
+    Events end at "\n\n" taken from the left, as the pattern splits them: in a run of line ends, pairs from
+    the run's start end events, and an odd one left over begins the next event.
+    """
+    pair = data.rfind(b"\n\n", 0, at)
+    if pair == -1:
+        return 0
+    run = pair
+    while run and data[run - 1] == 0x0A:
+        run -= 1
+    return run + (pair + 2 - run) // 2 * 2
 
 
 def _usage_only(event: bytes) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -115,7 +115,7 @@ async def send(pool: UpstreamPool, upstream: Upstream, method: str, target: str,
 
 
 @contextlib.contextmanager
-def _reading_body(upstream: UpstreamSpec) -> Iterator[None]:
+def reading_body(upstream: UpstreamSpec) -> Iterator[None]:
     """The upstream's failures while its body is read, as gateway errors."""
     try:
         yield
@@ -125,18 +125,7 @@ def _reading_body(upstream: UpstreamSpec) -> Iterator[None]:
         raise GatewayError("upstream_error", f"upstream {upstream.name!r} broke off its response") from exc
 
 
-async def pump(
-    upstream_response: UpstreamResponse, upstream: UpstreamSpec, write: Callable[[bytes], Awaitable[None]],
-    observe: Callable[[bytes], None],
-) -> None:
-    """Copy the body chunk by chunk as it arrives (SSE events are not held back); each chunk is observed."""
-    with _reading_body(upstream):
-        async for chunk in upstream_response.iter_any():
-            observe(chunk)
-            await write(chunk)
-
-
 async def read_small(upstream_response: UpstreamResponse, upstream: UpstreamSpec) -> bytes:
     """The whole body of a small answer whose length is known; foreign errors become gateway errors."""
-    with _reading_body(upstream):
+    with reading_body(upstream):
         return await upstream_response.read()

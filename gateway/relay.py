@@ -7,7 +7,7 @@ import contextlib
 import time
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from . import forward
@@ -73,15 +73,20 @@ async def relay(request: web.BaseRequest, rt: Runtime, upstream: Upstream, agent
                                         headers=out_headers, body=body)
                 await response.prepare(request)
             else:
-                response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason,
-                                              headers=out_headers)
-                if length is not None and not hide_usage:
-                    response.content_length = length
-                await response.prepare(request)
-                write = response.write if hider is None else _filtered_writer(response, hider)
-                await forward.pump(upstream_response, spec, write, meter.feed)
-                if hider is not None:
-                    await response.write(hider.flush())
+                # Framed by the upstream's length, unless the usage event is taken out of it.
+                framed_length = length if not hide_usage else None
+                body = upstream_response.read_now()
+                if body is not None:
+                    response = _whole_stream(request, upstream_response, out_headers, framed_length, body, meter,
+                                             hider)
+                    await response.prepare(request)
+                else:
+                    response = web.StreamResponse(status=upstream_response.status,
+                                                  reason=upstream_response.reason, headers=out_headers)
+                    if framed_length is not None:
+                        response.content_length = framed_length
+                    await response.prepare(request)
+                    await _stream(response, upstream_response, spec, meter, hider)
             await response.write_eof()  # the agent has its answer before the settlement round trip
         except GatewayError as error:
             # Headers are gone already: the agent cannot get an error body, so cut the connection
@@ -117,13 +122,43 @@ async def relay(request: web.BaseRequest, rt: Runtime, upstream: Upstream, agent
         return response
 
 
-def _filtered_writer(response: web.StreamResponse, hider: UsageChunkFilter) -> Any:
-    async def write(chunk: bytes) -> None:
-        out = hider.feed(chunk)
-        if out:
-            await response.write(out)
+def _whole_stream(request: web.BaseRequest, upstream_response: UpstreamResponse, headers: CIMultiDict[str],
+                  length: int | None, body: bytes, meter: UsageMeter, hider: UsageChunkFilter | None) -> web.Response:
+    """A stream that arrived whole with its headers (a short answer, a fast upstream), sent on as one write of
+    headers, body and end, framed as the stream would have been."""
+    meter.feed(body)
+    if hider is not None:
+        body = hider.feed(body) + hider.flush()
+    if length is not None:
+        headers["Content-Length"] = str(length)  # the upstream's (a HEAD answer's body is empty)
+    response = web.Response(status=upstream_response.status, reason=upstream_response.reason, headers=headers,
+                            body=body)
+    if length is None and request.version == HttpVersion11:
+        response.enable_chunked_encoding()  # as the stream would be; HTTP/1.0 has no chunks and gets a length
+    return response
 
-    return write
+
+async def _stream(response: web.StreamResponse, upstream_response: UpstreamResponse, spec: UpstreamSpec,
+                  meter: UsageMeter, hider: UsageChunkFilter | None) -> None:
+    """Copy the body as it arrives (SSE events are not held back), reading usage and hiding the usage event.
+
+    What arrived together is written together, and the last of it with the end of the answer. Each write
+    waits for the agent when its connection's buffer is full, so a slow agent slows the upstream's reading.
+    """
+    last = b""
+    with forward.reading_body(spec):
+        while chunk := await upstream_response.next_chunk():
+            meter.feed(chunk)
+            out = chunk if hider is None else hider.feed(chunk)
+            if upstream_response.exhausted:
+                upstream_response.release()
+                last = out
+                break
+            if out:
+                await response.write(out)
+    if hider is not None:
+        last += hider.flush()
+    await response.write_eof(last)
 
 
 def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> Usage | None:

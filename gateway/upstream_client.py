@@ -97,32 +97,57 @@ class UpstreamResponse:
         value = self.headers.get("Content-Length")
         return int(value) if value is not None and value.isdigit() else None
 
+    @property
+    def exhausted(self) -> bool:
+        """All of the body has arrived and been taken."""
+        return self._done and not self._chunks
+
+    def read_now(self) -> bytes | None:
+        """The rest of the body if all of it has arrived (the connection goes back to the pool), else None.
+
+        Never waits: a short answer, or a stream from a fast upstream, often arrives with its headers.
+        """
+        if not self._done:
+            return None
+        data = self._take() if self._chunks else b""
+        self.release()
+        return data
+
     async def read(self) -> bytes:
         """The whole body."""
+        data = self.read_now()
+        if data is not None:
+            return data
         parts = [chunk async for chunk in self.iter_any()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def next_chunk(self) -> bytes:
+        """Whatever has arrived and not been taken, joined, waiting for some if none has; b"" at the end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                self.release()
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._take()
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         """The body as it arrives: whatever is buffered, joined, at each step."""
-        while True:
-            if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                self._conn.drained()
-                yield data
-            elif self._error is not None:
-                raise self._error
-            elif self._done:
-                self.release()
-                return
-            else:
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+        while chunk := await self.next_chunk():
+            yield chunk
+
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        self._conn.drained()
+        return data
 
     def release(self) -> None:
         """Done with this response: a complete one returns its connection to the pool, any other closes it."""
@@ -271,8 +296,7 @@ class _Connection(asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
-        self.complete = True
-        self._cancel_timer()
+        self.complete = True  # the read timer lapses on its own, or serves the next request (see _arm)
         if not self._parser.should_keep_alive():
             self.closed = True
         if self._response is not None:
@@ -293,8 +317,14 @@ class _Connection(asyncio.Protocol):
         return self._head
 
     def _arm(self) -> None:
-        self._last_data = self._loop.time()
-        self._timer = self._loop.call_at(self._last_data + self._read_timeout, self._check_timeout)
+        self._last_data = now = self._loop.time()
+        deadline = now + self._read_timeout
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return  # a timer left from the last request fires first, and re-arms itself for the rest
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._check_timeout)
 
     def _check_timeout(self) -> None:
         # Re-armed lazily: data_received only stamps the time, so a busy stream costs no timer churn.

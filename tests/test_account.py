@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 
 import orjson
@@ -267,3 +268,94 @@ def test_filter_passes_whole_events_without_usage_on_at_once() -> None:
 def test_filter_keeps_an_event_that_mentions_usage_with_choices() -> None:
     event = sse(openai_chunk("x", {"prompt_tokens": 1, "completion_tokens": 1}))
     assert filtered([event]) == event
+
+
+# -- the filter and the meter against plain statements of their rules, over random streams ------------------------
+
+
+def usage_only(event: bytes) -> bool:
+    """An event whose first data line mentioning usage is a JSON object with `choices: []` and a usage."""
+    for line in event.splitlines():
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                data = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return False
+            return isinstance(data, dict) and data.get("choices") == [] and data.get("usage") is not None
+    return False
+
+
+def reference_filtered(parts: list[bytes]) -> bytes:
+    """Events end where the pattern finds a blank line, from the left; usage-only ones are dropped. A part of
+    whole events without usage, with nothing pending before it, goes on as it is."""
+    pending, out = b"", []
+    for part in parts:
+        if not pending and b'"usage"' not in part and part.endswith((b"\n\n", b"\r\n\r\n", b"\r\r")):
+            out.append(part)
+            continue
+        pieces = re.split(rb"(\r\n\r\n|\n\n|\r\r)", pending + part)
+        pending = pieces.pop()
+        out += [event + end for event, end in zip(pieces[::2], pieces[1::2], strict=True) if not usage_only(event)]
+    return b"".join(out) + (b"" if usage_only(pending) else pending)
+
+
+def random_stream(rng: random.Random) -> tuple[bytes, Usage | None]:
+    """Events of every kind the filter and meter tell apart, with line ends of one style or of several, and
+    runs of blank lines; and the usage the meter must find in them."""
+    style = rng.choice(["lf", "crlf", "mixed"])
+    found: Usage | None = None
+    out = b""
+    for _ in range(rng.randint(1, 12)):
+        kind = rng.choice(["content", "usage_only", "usage_with_choices", "comment", "named", "malformed", "done"])
+        tokens = {"prompt_tokens": rng.randint(1, 99), "completion_tokens": rng.randint(1, 99)}
+        if kind == "content":
+            lines = [b"data: " + orjson.dumps(openai_chunk("x" * rng.randint(0, 40)))]
+        elif kind == "usage_only":
+            lines = [b"data: " + orjson.dumps(openai_chunk(None, tokens))]
+        elif kind == "usage_with_choices":
+            lines = [b"data: " + orjson.dumps(openai_chunk("y", tokens))]
+        elif kind == "comment":
+            lines = [b': "usage" in a comment']
+        elif kind == "named":
+            lines = [b"event: usage", b"data: " + orjson.dumps(openai_chunk(None, tokens))]
+        elif kind == "malformed":
+            lines = [b'data: {"usage": {"prompt_tokens": 3']
+        else:
+            lines = [b"data: [DONE]"]
+        if kind in ("usage_only", "usage_with_choices", "named"):
+            found = found or Usage()
+            found.merge(tokens)
+        newline = {"lf": b"\n", "crlf": b"\r\n", "mixed": rng.choice([b"\n", b"\r\n"])}[style]
+        out += b"".join(line + newline for line in lines)
+        out += newline * rng.choice([1, 1, 1, 2, 3]) if style != "mixed" else rng.choice([b"\n", b"\r\n", b"\r"])
+    return out, found
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_filter_matches_its_rule_on_random_streams_however_split(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(25):
+        stream, _ = random_stream(rng)
+        cuts = rng.sample(range(len(stream) + 1), rng.randint(0, min(8, len(stream))))
+        parts = list(chunks(stream, cuts))
+        assert filtered(parts) == reference_filtered(parts), (stream, cuts)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_usage_from_random_streams_whole_or_split(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(25):
+        stream, expected = random_stream(rng)
+        if b"\r" in stream.replace(b"\r\n", b""):
+            continue  # lines ending in a bare CR are not read for usage
+        cuts = rng.sample(range(len(stream) + 1), rng.randint(0, min(8, len(stream))))
+        assert meter_of("text/event-stream", [stream]) == expected, stream
+        assert meter_of("text/event-stream", chunks(stream, cuts)) == expected, (stream, cuts)
+
+
+def test_filter_keeps_the_bytes_between_hidden_events_as_they_are() -> None:
+    usage = sse(openai_chunk(None, {"prompt_tokens": 1, "completion_tokens": 2}))
+    stream = sse(openai_chunk("a")) + b"\n" + usage + sse(openai_chunk("b")) + usage + b"\n\n" + sse(b"[DONE]")
+    # The odd line end after the first event begins the usage event, and goes with it.
+    assert filtered([stream]) == sse(openai_chunk("a")) + sse(openai_chunk("b")) + b"\n\n" + sse(b"[DONE]")
+    assert filtered([stream]) == reference_filtered([stream])

@@ -574,6 +574,22 @@ async def test_upstream_stalling_after_a_pause_times_out() -> None:
         response.release()
 
 
+@pytest.mark.parametrize("first_timeout", [READ_TIMEOUT, 5.0])
+async def test_read_timeout_holds_for_the_next_request_on_a_reused_connection(first_timeout: float) -> None:
+    # The read timer of a finished request is left running for the next one: shorter or longer, it still counts.
+    async def second_unanswered(conn: RawConn) -> None:
+        await conn.request()
+        await conn.answer(ok(b"first"))
+        await conn.request()
+        await conn.until_client_closes()
+
+    async with RawServer(second_unanswered) as server, client() as pool:
+        assert await within(2, fetch(pool, server.origin, read_timeout=first_timeout)) == (200, b"first")
+        assert READ_TIMEOUT * 0.9 <= await client_timeout(call(pool, server.origin, read_timeout=READ_TIMEOUT)) \
+            < READ_TIMEOUT + 1
+        assert len(server.conns) == 1
+
+
 async def test_upstream_trickling_faster_than_the_read_timeout_does_not_time_out() -> None:
     answer = ok(b"0123456789abcdef")
     pieces = [answer[i:i + 6] for i in range(0, len(answer), 6)]
@@ -701,6 +717,34 @@ async def test_large_body_with_a_slow_reader_pauses_reading_and_arrives_intact()
         assert digest.digest() == hashlib.sha256(BIG).digest()
         assert await fetch(pool, server.origin) == (200, BIG)  # and the connection was fit to reuse
         assert server.connections == 1
+
+
+async def test_read_now_gives_a_body_that_arrived_whole_and_frees_the_connection() -> None:
+    async with RawServer(answering(ok(b"whole"), ok(b"next"))) as server, client() as pool:
+        response = await within(2, call(pool, server.origin))
+        await within(2, arrived(response))
+        assert response.read_now() == b"whole"
+        assert await within(2, fetch(pool, server.origin)) == (200, b"next")  # on the same connection
+        assert len(server.conns) == 1
+
+
+async def test_read_now_waits_for_nothing_while_the_body_is_still_coming() -> None:
+    more = asyncio.Event()
+
+    async def in_two(conn: RawConn) -> None:
+        await conn.request()
+        await conn.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+        await more.wait()
+        await conn.answer(b"def")
+        await conn.until_client_closes()
+
+    async with RawServer(in_two) as server, client() as pool, await within(2, call(pool, server.origin)) as response:
+        assert await within(2, response.next_chunk()) == b"abc"
+        assert response.read_now() is None and not response.exhausted
+        more.set()
+        assert await within(2, response.next_chunk()) == b"def"
+        assert response.exhausted
+        assert await within(2, response.next_chunk()) == b""
 
 
 async def test_release_before_the_body_arrived_closes_the_connection() -> None:
@@ -897,7 +941,7 @@ async def test_send_writes_exactly_the_built_request() -> None:
     assert await server.conns[0].until_client_closes() == b""  # nothing else was sent
 
 
-async def test_send_and_pump_translate_client_errors_without_the_address() -> None:
+async def test_send_and_body_reads_translate_client_errors_without_the_address() -> None:
     async def handler(conn: RawConn) -> None:
         await conn.request()
         if conn.index == 0:
@@ -916,17 +960,13 @@ async def test_send_and_pump_translate_client_errors_without_the_address() -> No
         upstream = _upstream(f"http://127.0.0.1:{server.port}", read_timeout=READ_TIMEOUT)
         response = await within(2, forward.send(pool, upstream, "GET", "/", CIMultiDict(), b""))
         with pytest.raises(GatewayError) as broken:
-            await within(2, forward.pump(response, upstream.spec, _discard, lambda chunk: None))
+            await within(2, forward.read_small(response, upstream.spec))
         assert broken.value.type == "upstream_error"
         response.release()
 
         with pytest.raises(GatewayError) as slow:
             await within(3, forward.send(pool, upstream, "GET", "/", CIMultiDict(), b""))
         assert slow.value.type == "upstream_timeout"
-
-
-async def _discard(chunk: bytes) -> None:
-    pass
 
 
 # -- the same, on uvloop -------------------------------------------------------------------------------------------
