@@ -128,9 +128,9 @@ class _Connection(asyncio.Protocol):
             if not self._made and not self.finished.done():
                 self.finished.set_result(None)
 
-    def send(self, command: Command) -> asyncio.Future[Any]:
+    def send(self, command: Command | bytes) -> asyncio.Future[Any]:
         future = self._loop.create_future()
-        self._out.append(_pack(command))
+        self._out.append(command if isinstance(command, bytes) else _pack(command))
         self._waiting.append((future, self._loop.time() + self._timeout))
         if self._timer is None:
             self._timer = self._loop.call_at(self._waiting[0][1], self._expire)
@@ -257,14 +257,15 @@ class RespClient:
         self._connections: set[_Connection] = set()  # every connection whose socket may still exist
         self._closed = False
 
-    def send(self, command: Command) -> asyncio.Future[Any]:
-        """Queue `command` and return the future of its reply (written with this loop iteration's others)."""
+    def send(self, command: Command | bytes) -> asyncio.Future[Any]:
+        """Queue `command` (or a command already packed as RESP) and return the future of its reply (written
+        with this loop iteration's others)."""
         connection = self._connection
         if connection is None or connection.failure is not None:
             connection = self._connect()
         return connection.send(command)
 
-    async def call(self, command: Command) -> Any:
+    async def call(self, command: Command | bytes) -> Any:
         try:
             return await self.send(command)
         except Unsent:  # the connection died before the write: nothing ran, so once more on a fresh one

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import hiredis
 import pytest
 
-from gateway.limits.redis_store import _px
+from gateway.limits.redis_store import _px, _Wire, reserve_arguments, settle_arguments
+from gateway.limits.store import BudgetCounter, Plan, RateCounter, Reservation
 
 
 @pytest.mark.parametrize(("seconds", "px"), [
@@ -12,3 +16,46 @@ from gateway.limits.redis_store import _px
 ])
 def test_px_is_whole_milliseconds_rounded_up_and_at_least_one(seconds: float, px: int) -> None:
     assert _px(seconds) == px
+
+
+def _plans() -> list[Plan]:
+    tag = "agw:{bot}"
+    day = BudgetCounter("tokens-day", f"{tag}:b:tokens-day:2026-11-21", f"{tag}:a:tokens-day:2026-11-21", 10**12, 1,
+                        1, "2026-11-21", 1795305600.0, 90061, (), "tokens")
+    usd = BudgetCounter("usd-month", f"{tag}:b:usd:2026-11", f"{tag}:a:usd:2026-11", 10**15, 150, 600, "2026-11",
+                        1796083200.0, 864000, (0.5, 0.8, 0.95), "usd_nanos")
+    rpm = RateCounter("rpm", f"{tag}:rl:rpm", 1000, 60.0, 1, 0, 0)
+    tpm = RateCounter("tpm", f"{tag}:rl:tpm", 10**9, 60.0, 0, 1, 1)
+    loop = RateCounter("loop_detection", f"{tag}:loop:{'ab' * 16}", 20, 60.0, 1, 0, 0, "loop")
+    now = 1795304925.1726232
+    return [
+        Plan("bot", f"{tag}:res:0a1", 172800, (loop, rpm, tpm), (day, usd), 20, 64, None, now),
+        Plan("bot", f"{tag}:res:0a2", 172800, (rpm, tpm), (usd,), 0, 0, 1, now + 0.5),
+        Plan("bot", f"{tag}:res:0a3", 10, (loop, rpm), (), 0, 0, None, now, settles=False),
+        Plan("bot", f"{tag}:res:0a4", 172800, (), (day,), 12345, 4096, 1, 1795300000.0),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_packed_script_calls_are_byte_for_byte_hiredis_packing_of_the_arguments(index: int) -> None:
+    wire = _Wire("r" * 40, "s" * 40)
+    plan = _plans()[index]
+    for _ in range(2):  # the second time from the kept parts
+        keys, args = reserve_arguments(plan)
+        assert wire.reserve(plan) == hiredis.pack_command(("EVALSHA", "r" * 40, len(keys), *keys, *args))
+        for used in ((20, 1), (plan.input, plan.output), (0, 0), (10**6, 10**6)):
+            reservation = Reservation(plan, plan.output, (), ())
+            keys, args = settle_arguments(reservation, *used, 1795304999.25)
+            assert wire.settle(reservation, *used, 1795304999.25) == hiredis.pack_command(
+                ("EVALSHA", "s" * 40, len(keys), *keys, *args))
+
+
+def test_kept_parts_follow_the_counter_object_not_its_id() -> None:
+    wire = _Wire("r" * 40, "s" * 40)
+    plan = _plans()[1]
+    counter = plan.rates[0]
+    stale = replace(counter, key="agw:{bot}:rl:stale")
+    # As if a counter gone since had had this one's id: its kept parts must not be taken for this one's.
+    wire._parts[id(counter)] = (stale, wire._rate(stale))
+    packed = wire.reserve(plan)
+    assert b"rl:stale" not in packed and b"agw:{bot}:rl:rpm" in packed
