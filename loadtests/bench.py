@@ -140,6 +140,12 @@ def write_rules(directory: Path, agent: str) -> None:
     (directory / "agents" / "bench-bot.yaml").write_text(agent)
 
 
+def agent_rules(config: str) -> str:
+    """The agent file of a gateway configuration (the streaming one uses the full policy with limits)."""
+    return {"gateway-allow": ALLOW_ONLY, "gateway-no-limits": FULL_POLICY + "loop_detection: false\n"}.get(
+        config, FULL_POLICY + LIMITS)
+
+
 def token_for(env: dict[str, str]) -> str:
     return subprocess.run([sys.executable, "-m", "gateway", "token", "--agent", "bench-bot"], env=env, cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -153,9 +159,7 @@ def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path
         token = ""
     else:
         rules = work / config
-        agent = {"gateway-allow": ALLOW_ONLY, "gateway-no-limits": FULL_POLICY + "loop_detection: false\n"}.get(
-            config, FULL_POLICY + LIMITS)
-        write_rules(rules, agent)
+        write_rules(rules, agent_rules(config))
         argv = pinned(0, [sys.executable, "-m", "gateway", "serve", "--rules", str(rules), "--port", str(port),
                           "--admin-port", str(free_port()), "--trace", str(work / f"{config}.trace.jsonl")])
         if config == "gateway-limits-redis":
