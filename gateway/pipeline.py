@@ -136,8 +136,14 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refused past `limit` whether or not it declared a length (chunked included)."""
     if request.content_length is not None and request.content_length > limit:
         raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
+    stream = request.content
+    if stream.is_eof():  # all of it arrived with the headers (most requests): take it without awaiting
+        body = stream.read_nowait()
+        if len(body) > limit:
+            raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
+        return body
     chunks = bytearray()
-    async for chunk in request.content.iter_any():
+    async for chunk in stream.iter_any():
         chunks += chunk
         if len(chunks) > limit:
             raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
