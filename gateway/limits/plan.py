@@ -60,14 +60,14 @@ class _Shape:
     """What every call on one (upstream, token use, price) reserves: built once, reused while its budget
     windows last. Per call only the loop counter, the output size and the `Plan` are new."""
 
-    rates: tuple[RateCounter, ...]  # the agent's rate counters for the upstream (the loop counter comes first)
+    rates: tuple[RateCounter, ...]  # the agent's rate counters for the upstream (the plan puts the loop's first)
     budgets: tuple[BudgetCounter, ...]
     notes: tuple[str, ...]
-    # (limit id, why) of a limit that refuses: any call (an unpriced model), or a call without max_tokens when
-    # no default applies. Kept as text: a fresh error per call, since a raised exception collects a traceback.
-    refusal: tuple[str, str] | None
+    # Limits that refuse, kept as ids (a fresh error per call: a raised exception collects a traceback): a USD
+    # budget that cannot price this model, and a limit that needs max_tokens when no default applies.
+    unpriced: str | None
     default_output: int | None  # output tokens to reserve when the request sets no max_tokens
-    no_cap: tuple[str, str] | None
+    no_cap: str | None
     no_cap_note: str | None
     settles: bool
     clamp: bool
@@ -99,8 +99,8 @@ class Planner:
                 if len(self._shapes) > 256:  # windows, upstreams and prices come and go: keep the cache small
                     self._shapes.clear()
                 self._shapes[key] = shape
-        if shape.refusal is not None:
-            raise _unestimable(*shape.refusal)
+        if shape.unpriced is not None:  # the message names the call's model, which the shape does not keep
+            raise _unestimable(shape.unpriced, f"no price is listed for model {action.model!r}")
         notes = shape.notes
         output = 0
         if uses_tokens:
@@ -109,7 +109,7 @@ class Planner:
             elif shape.default_output is not None:
                 output = shape.default_output
             elif shape.no_cap is not None:
-                raise _unestimable(*shape.no_cap)
+                raise _unestimable(shape.no_cap, "the request sets no max_tokens")
             elif shape.no_cap_note is not None:
                 notes = (*notes, shape.no_cap_note)
         rates = shape.rates
@@ -132,12 +132,12 @@ class Planner:
                       if spec.upstream in (None, action.upstream) and (spec.requests is not None or uses_tokens))
         notes: list[str] = []
         budgets: list[tuple[BudgetSpec, BudgetCounter]] = []
-        refusal: tuple[str, str] | None = None
+        unpriced: str | None = None
         valid_until = math.inf
         for spec in self.agent.budgets if uses_tokens else ():
             if spec.usd is not None and price is None:
                 if not spec.allow_unestimated:
-                    refusal = refusal or (spec.id, f"no price is listed for model {action.model!r}")
+                    unpriced = unpriced or spec.id
                 else:
                     notes.append(f"{spec.id}: no price for {action.model!r}, not charged")
                 continue
@@ -155,11 +155,11 @@ class Planner:
             if defaults:
                 default_output = max(defaults)
             elif strict:
-                no_cap = (strict[0].id, "the request sets no max_tokens")
+                no_cap = strict[0].id
             else:
                 no_cap_note = "no max_tokens: reserved the prompt only"
         counters = tuple(c for _, c in rates)
-        return _Shape(rates=counters, budgets=tuple(c for _, c in budgets), notes=tuple(notes), refusal=refusal,
+        return _Shape(rates=counters, budgets=tuple(c for _, c in budgets), notes=tuple(notes), unpriced=unpriced,
                       default_output=default_output if uses_tokens else None, no_cap=no_cap, no_cap_note=no_cap_note,
                       settles=bool(budgets) or any(c.per_input or c.per_output for c in counters),
                       clamp=any(spec.clamp_max_tokens for spec, _ in budgets), valid_from=now,

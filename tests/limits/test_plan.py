@@ -91,6 +91,8 @@ def test_an_unpriced_model_is_refused_each_time_with_a_fresh_error() -> None:
     assert errors[0] is not errors[1]  # never the same instance re-raised (it would collect tracebacks)
     assert errors[0].type == "policy_denied" and errors[0].rule == "usd-month"
     assert "'mystery-model'" in errors[0].message
+    with pytest.raises(GatewayError, match="'another-model'"):  # each refusal names its own call's model
+        planner.plan(chat("another-model"), OPENAI, "", DAY_END)
 
 
 def test_an_unpriced_model_under_a_lenient_budget_is_noted_by_name() -> None:
