@@ -108,9 +108,10 @@ class MemoryStore:
         del cells[plan.marker]
         used_after: list[int] = []
         alerts: list[tuple[int, float]] = []
+        # Integer arithmetic, so the difference of the costs is exact whichever way it is written.
+        more_input, more_output = input_tokens - plan.input, output_tokens - reservation.output
         for i, budget in enumerate(plan.budgets):
-            delta = budget_cost(budget, input_tokens, output_tokens) - budget_cost(budget, plan.input,
-                                                                                   reservation.output)
+            delta = budget.per_input * more_input + budget.per_output * more_output
             cell = cells.get(budget.key)
             total = (int(cell[0]) if cell is not None and cell[1] > now else 0) + delta
             cells[budget.key] = (total, now + budget.ttl)
@@ -123,7 +124,7 @@ class MemoryStore:
                 alerts.extend((i, t) for t in crossed[fired:])
                 cells[budget.alert_key] = (len(crossed), now + budget.ttl)
         for rate in plan.rates:
-            delta = rate_cost(rate, input_tokens, output_tokens) - rate_cost(rate, plan.input, reservation.output)
+            delta = rate.per_input * more_input + rate.per_output * more_output  # a call count never changes
             if delta:
                 cell = cells.get(rate.key)
                 if cell is not None and cell[1] > now:
