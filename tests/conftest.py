@@ -9,7 +9,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,13 +275,14 @@ def redis_url(redis_server: RedisProcess) -> str:
 
 
 # -- Redis Cluster: three real masters on loopback, no replicas ----------------------------------------------------
-def cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+def cluster_port(taken: Collection[int] = ()) -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too, and neither of which is in `taken`
+    (the ports, and bus ports, of the cluster's other nodes: the OS may hand out a just-released port again)."""
     for _ in range(1000):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port: int = sock.getsockname()[1]
-        if port + 10000 <= 65535:
+        if port + 10000 <= 65535 and not {port, port + 10000} & set(taken):
             try:
                 with socket.socket() as bus:
                     bus.bind(("127.0.0.1", port + 10000))
@@ -301,7 +302,12 @@ class RedisClusterProcesses:
                  tls: RedisTls | None = None) -> None:
         self.replicas = replicas
         self.tls = tls
-        self.nodes = [RedisProcess(cluster_port(), tls=tls) for _ in range(masters * (1 + replicas))]
+        self.nodes: list[RedisProcess] = []
+        taken: set[int] = set()
+        for _ in range(masters * (1 + replicas)):
+            port = cluster_port(taken)
+            taken |= {port, port + 10000}
+            self.nodes.append(RedisProcess(port, tls=tls))
         for node in self.nodes:
             node.extra_args = ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{node.port}.conf",
                                "--cluster-node-timeout", str(node_timeout_ms),
@@ -345,22 +351,31 @@ class RedisClusterProcesses:
                  "--cluster-replicas", str(self.replicas), "--cluster-yes", check=True)
         self.wait_until(lambda: all("cluster_state:ok" in self.cli("cluster", "info", port=port)
                                     for port in self.ports), "cluster_state:ok on every node", ready_within)
-        if self.replicas:
+        if self.replicas:  # a full sync per replica: slower than the rest on a loaded machine
             self.wait_until(lambda: all(self._synced(self.cli("info", "replication", port=port))
                                         for port in self.ports), "every replica in sync with its master",
-                            ready_within)
+                            2 * ready_within, lambda: self._replication_states())
 
     def _synced(self, replication: str) -> bool:
         if "role:master" in replication:
             return f"connected_slaves:{self.replicas}" in replication
         return "master_link_status:up" in replication and "master_sync_in_progress:0" in replication
 
-    def wait_until(self, condition: Callable[[], bool], what: str, within: float) -> None:
+    def _replication_states(self) -> str:
+        """Each node's replication lines that say why it is not in sync yet (for a failure message)."""
+        keys = ("role:", "connected_slaves:", "master_link_status:", "master_sync_in_progress:")
+        return "\n".join(f"{port}: " + " ".join(line.strip() for line in self.cli("info", "replication", port=port)
+                                                .splitlines() if line.startswith(keys))
+                         for port in self.ports)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, within: float,
+                   explain: Callable[[], str] | None = None) -> None:
         """Bounded polling of the nodes' own state (CLUSTER INFO, roles): the processes, not the code under test."""
         deadline = time.monotonic() + within
         while not condition():
             if time.monotonic() > deadline:
-                pytest.fail(f"redis cluster: not within {within}s: {what}", pytrace=False)
+                detail = f"\n{explain()}" if explain is not None else ""
+                pytest.fail(f"redis cluster: not within {within}s: {what}{detail}", pytrace=False)
             time.sleep(0.05)  # between polls of the nodes only
 
     def topology(self, port: int | None = None) -> list[ClusterNodeState]:
