@@ -294,9 +294,10 @@ class RedisStore:
 
     async def _send(self, batch: list[_Queued]) -> list[Any]:
         """Each script to the node of its plan's slot, all of them at once; replies, or the errors as values."""
-        return list(await asyncio.gather(
+        replies = await asyncio.gather(
             *(self._client.execute_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
-              for name, keys, args, _ in batch), return_exceptions=True))
+              for name, keys, args, _ in batch), return_exceptions=True)
+        return [_as_store_failure(reply) for reply in replies]
 
     # -- the protocol --------------------------------------------------------------------------------------------
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
@@ -364,6 +365,17 @@ class RedisStore:
         if self._resp is not None:
             await self._resp.close()
         await self._client.aclose()  # the client owns its pool (or its nodes), so this disconnects it too
+
+
+def _as_store_failure(reply: Any) -> Any:
+    """A reply, or the client's failure as one the store reports as unavailable (fail closed, in the agent's
+    error shape). redis-py lets some socket failures through as other exceptions: CPython 3.11's asyncio raises
+    AttributeError when a write meets an SSL transport that was closed under it."""
+    if isinstance(reply, Exception) and not isinstance(reply, RedisError | OSError):
+        failure = ConnectionError(f"the redis client failed: {type(reply).__name__}: {reply}")
+        failure.__cause__ = reply
+        return failure
+    return reply
 
 
 def reserve_arguments(plan: Plan) -> tuple[list[str], list[str | int | float]]:

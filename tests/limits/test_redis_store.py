@@ -7,8 +7,8 @@ from dataclasses import replace
 import hiredis
 import pytest
 
-from gateway.limits.redis_store import _px, _Wire, reserve_arguments, settle_arguments
-from gateway.limits.store import BudgetCounter, Plan, RateCounter, Reservation
+from gateway.limits.redis_store import RedisStore, _px, _Wire, reserve_arguments, settle_arguments
+from gateway.limits.store import BudgetCounter, Plan, RateCounter, Reservation, StoreUnavailable
 
 
 @pytest.mark.parametrize(("seconds", "px"), [
@@ -59,3 +59,19 @@ def test_kept_parts_follow_the_counter_object_not_its_id() -> None:
     wire._parts[id(counter)] = (stale, wire._rate(stale))
     packed = wire.reserve(plan)
     assert b"rl:stale" not in packed and b"agw:{bot}:rl:rpm" in packed
+
+
+class _BrokenCluster:
+    """A cluster client whose call fails the way redis-py lets an SSL write to a closed transport fail."""
+
+    async def execute_command(self, *args: object) -> object:
+        raise AttributeError("'NoneType' object has no attribute '_write_appdata'")
+
+
+async def test_a_client_failure_that_is_not_a_redis_error_is_still_the_store_unavailable() -> None:
+    store = RedisStore(_BrokenCluster(), timeout=1.0)  # type: ignore[arg-type]
+    plan = _plans()[1]
+    with pytest.raises(StoreUnavailable, match="AttributeError"):
+        await store.reserve(plan)
+    with pytest.raises(StoreUnavailable, match="AttributeError"):
+        await store.settle(Reservation(plan, plan.output, (), ()), 1, 1)
