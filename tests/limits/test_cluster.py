@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
@@ -41,17 +42,26 @@ def plan(agent: str = "bot", *, rates: tuple[RateCounter, ...] = (), budgets: tu
     return Plan(agent, f"{agent_tag(agent)}:res:{uuid.uuid4().hex}", 600, rates, budgets, input, output, None, NOW)
 
 
-@pytest.fixture
-async def cluster_stores(redis_cluster_url: str) -> AsyncIterator[Callable[[], RedisStore]]:
+@contextlib.asynccontextmanager
+async def stores_on(url: str) -> AsyncIterator[Callable[[], RedisStore]]:
+    """Stores on one cluster URL, made on demand (several act as several gateway replicas), all closed after."""
     made: list[RedisStore] = []
 
     def make() -> RedisStore:
-        made.append(RedisStore.from_url(redis_cluster_url, timeout=5.0, clock=lambda: NOW))
+        made.append(RedisStore.from_url(url, timeout=5.0, clock=lambda: NOW))
         return made[-1]
 
-    yield make
-    for store in made:
-        await store.close()
+    try:
+        yield make
+    finally:
+        for store in made:
+            await store.close()
+
+
+@pytest.fixture
+async def cluster_stores(redis_cluster_url: str) -> AsyncIterator[Callable[[], RedisStore]]:
+    async with stores_on(redis_cluster_url) as make:
+        yield make
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 from conftest import RedisClusterProcesses, RedisTls
-from test_cluster import NOW, budget, plan, rate
+from test_cluster import NOW, budget, plan, rate, stores_on
 
 from gateway.approvals.backends import open_approvals
 from gateway.approvals.record import Approval
@@ -62,15 +62,8 @@ def tls_cluster_url(tls_cluster: RedisClusterProcesses) -> str:
 
 @pytest.fixture
 async def tls_stores(tls_cluster_url: str) -> AsyncIterator[Callable[[], RedisStore]]:
-    made: list[RedisStore] = []
-
-    def make() -> RedisStore:
-        made.append(RedisStore.from_url(tls_cluster_url, timeout=5.0, clock=lambda: NOW))
-        return made[-1]
-
-    yield make
-    for store in made:
-        await store.close()
+    async with stores_on(tls_cluster_url) as make:
+        yield make
 
 
 def test_tls_cluster_url_names_every_node_and_the_client_certificate(tls_cluster: RedisClusterProcesses) -> None:
