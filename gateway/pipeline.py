@@ -15,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-
-from aiohttp import web
+from collections.abc import Callable
 
 from .classify import Classified, classify
 from .errors import GatewayError, bad_request
 from .hold import hold
+from .http_server import BodyMalformed, BodyTooLarge, Request, Response
 from .incoming import Incoming
 from .limits.enforce import charge, reserve
 from .models import Action, Decision
 from .paths import normalise, split_upstream
 from .policy.compile import AgentPolicy, Policy
 from .policy.decide import decide_each
-from .relay import SETTLING, relay
+from .relay import relay
 from .responses import error_response
 from .runtime import Runtime
 from .tls import identify
@@ -37,8 +37,9 @@ from .tracecontext import parse_traceparent
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
 
 
-async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
-    """The agents' port: every request, whatever its path, comes through here."""
+async def handle(request: Request, rt: Runtime) -> Response | None:
+    """The agents' port: every request, whatever its path, comes through here. The answer is returned, or
+    None when the relay has written it already."""
     policy = rt.policy  # pinned: a reload mid-request does not change this request's rules
     started = time.perf_counter()
     task = asyncio.current_task()  # once: in 3.11 each call costs a getpid system call
@@ -93,8 +94,9 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
             if decision.outcome == "hold":
                 await hold(rt, agent, action, decision, incoming, event, call, path)
             stage = "forward"
-            return await relay(request, rt, upstream, agent_policy, classified, action, incoming, query, event,
-                               flags, reservation)
+            await relay(request, rt, upstream, agent_policy, classified, action, incoming, query, event, flags,
+                        reservation)
+            return None
         except (GatewayError, asyncio.CancelledError) as failure:
             if reservation is not None and reservation.plan.settles and event.status is None:
                 # Nothing came back from the upstream. Refused or abandoned before forwarding: release it all;
@@ -125,29 +127,37 @@ async def handle(request: web.BaseRequest, rt: Runtime) -> web.StreamResponse:
             if not calls:
                 del rt.inflight[event.agent]
         event.latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        settling = request.get(SETTLING)
+        settling = request.settling
         if settling is not None and not settling.done():  # the event carries the settlement it follows
             settling.add_done_callback(lambda _: rt.sink.emit(event))
         else:
             rt.sink.emit(event)
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, refused past `limit` whether or not it declared a length (chunked included)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
-    stream = request.content
-    if stream.is_eof():  # all of it arrived with the headers (most requests): take it without awaiting
-        body = stream.read_nowait()
-        if len(body) > limit:
-            raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
-        return body
-    chunks = bytearray()
-    async for chunk in stream.iter_any():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit")
-    return bytes(chunks)
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` (the server's) whether or not it declared a length (chunked included)."""
+    try:
+        return await request.read()
+    except BodyTooLarge:
+        raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit") from None
+    except BodyMalformed as exc:
+        raise bad_request(f"request body is malformed: {exc}") from None
+
+
+def refuse_unparsed(rt: Runtime) -> Callable[[str, asyncio.BaseTransport], Response]:
+    """The answer to a request the server could not parse (malformed HTTP, an oversized head): a `bad_request`
+    in the OpenAI-style shape (its upstream is unknown), written to the trace like every other refusal."""
+    def refuse(message: str, _transport: asyncio.BaseTransport) -> Response:
+        event = TraceEvent(trace_id=new_trace_id(), span_id=new_span_id(), method=None)
+        event.policy_version = rt.policy.version
+        error = bad_request(message)
+        event.error, event.reason = error.type, message
+        response = error_response(None, error, event.trace_id)
+        event.status = response.status
+        event.latency_ms = 0.0
+        rt.sink.emit(event)
+        return response
+    return refuse
 
 
 def decide_all(policy: Policy, agent: AgentPolicy, classified: Classified, incoming: Incoming,

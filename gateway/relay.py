@@ -7,7 +7,6 @@ import contextlib
 import time
 from typing import Any
 
-from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 
 from . import forward
@@ -15,6 +14,7 @@ from .account import Usage, UsageChunkFilter, UsageMeter, cost_usd
 from .classify import Classified
 from .classify.mcp import tool_action
 from .errors import GatewayError
+from .http_server import Request, Response
 from .incoming import Incoming
 from .limits.enforce import charge
 from .limits.rewrite import rewrite
@@ -30,13 +30,11 @@ from .upstream_client import UpstreamResponse
 
 SMALL_ANSWER = 64 * 1024  # bytes: an answer up to this size with a Content-Length is sent in one write
 
-# The settlement of a call still running when its handler ends (its agent hung up after the answer).
-SETTLING: web.RequestKey[asyncio.Task[None]] = web.RequestKey("settling", asyncio.Task)
 
-
-async def relay(request: web.BaseRequest, rt: Runtime, upstream: Upstream, agent: AgentPolicy, classified: Classified,
+async def relay(request: Request, rt: Runtime, upstream: Upstream, agent: AgentPolicy, classified: Classified,
                 action: Action, incoming: Incoming, query: str, event: TraceEvent, trace_flags: str,
-                reservation: Reservation | None) -> web.StreamResponse:
+                reservation: Reservation | None) -> None:
+    """Forward, write the answer to the agent, then settle; the answer is on its way before the settlement."""
     spec = upstream.spec
     body, hide_usage = rewrite(action, incoming.path, reservation)
     traceparent = f"00-{event.trace_id}-{event.span_id}-{trace_flags}"
@@ -56,38 +54,30 @@ async def relay(request: web.BaseRequest, rt: Runtime, upstream: Upstream, agent
                                                                for w in event.warnings)
         rpc = classified.rpc
         if rpc is not None and rpc.tools_list_ids and upstream_response.status == 200:
-            return await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids, out_headers,
-                                         content_type, upstream)
+            request.send(await _filtered_tools(upstream_response, spec.name, agent, rpc.tools_list_ids,
+                                               out_headers, content_type, upstream))
+            return
         meter = UsageMeter(content_type)
         hider = UsageChunkFilter() if hide_usage and meter.sse else None
         missing = "the response carried no usage"
         length = upstream_response.content_length
-        response: web.StreamResponse
         try:
             if length is not None and length <= SMALL_ANSWER and not meter.sse:
                 # A small, complete answer (a JSON completion, a tool result): its bytes are in hand as soon as
-                # the headers are, so it goes to the agent as one write of headers and body, not three.
+                # the headers are, so it goes to the agent as one write of headers and body.
                 body = await forward.read_small(upstream_response, spec)
                 meter.feed(body)
-                response = web.Response(status=upstream_response.status, reason=upstream_response.reason,
-                                        headers=out_headers, body=body)
-                await response.prepare(request)
+                request.send(Response(upstream_response.status, body, out_headers, upstream_response.reason))
             else:
                 # Framed by the upstream's length, unless the usage event is taken out of it.
                 framed_length = length if not hide_usage else None
                 body = upstream_response.read_now()
                 if body is not None:
-                    response = _whole_stream(request, upstream_response, out_headers, framed_length, body, meter,
-                                             hider)
-                    await response.prepare(request)
+                    request.send(_whole_stream(upstream_response, out_headers, framed_length, body, meter, hider))
                 else:
-                    response = web.StreamResponse(status=upstream_response.status,
-                                                  reason=upstream_response.reason, headers=out_headers)
-                    if framed_length is not None:
-                        response.content_length = framed_length
-                    await response.prepare(request)
-                    await _stream(response, upstream_response, spec, meter, hider)
-            await response.write_eof()  # the agent has its answer before the settlement round trip
+                    request.start(upstream_response.status, upstream_response.reason, out_headers, framed_length)
+                    await _stream(request, upstream_response, spec, meter, hider)
+            # The agent has its answer before the settlement round trip.
         except GatewayError as error:
             # Headers are gone already: the agent cannot get an error body, so cut the connection
             # rather than end the stream cleanly and let a truncated answer pass for a whole one.
@@ -112,18 +102,20 @@ async def relay(request: web.BaseRequest, rt: Runtime, upstream: Upstream, agent
             used = charge(reservation, usage, event, missing)
             if rt.settler.inline:
                 await rt.settler.settle(reservation, *used, event)
-                return response
+                return
             settling = rt.settler.settle_soon(reservation, *used, event)
-            request[SETTLING] = settling  # the trace event is written once this is done
-            # The agent has its whole answer; if it hangs up now, the settlement goes on without it and the
-            # call stays the success it was.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(settling)
-        return response
+            request.settling = settling  # the trace event is written once this is done
+            if not rt.settler.ordered:
+                # The agent's next call must see this settlement. On an ordered store it will (the settle leaves
+                # before any later reserve), so the call ends now; on a cluster, whose pooled connections can let
+                # a later reserve overtake it, the call ends once it applied. If the agent hangs up meanwhile,
+                # the settlement goes on without it and the call stays the success it was.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(settling)
 
 
-def _whole_stream(request: web.BaseRequest, upstream_response: UpstreamResponse, headers: CIMultiDict[str],
-                  length: int | None, body: bytes, meter: UsageMeter, hider: UsageChunkFilter | None) -> web.Response:
+def _whole_stream(upstream_response: UpstreamResponse, headers: CIMultiDict[str], length: int | None, body: bytes,
+                  meter: UsageMeter, hider: UsageChunkFilter | None) -> Response:
     """A stream that arrived whole with its headers (a short answer, a fast upstream), sent on as one write of
     headers, body and end, framed as the stream would have been."""
     meter.feed(body)
@@ -131,14 +123,11 @@ def _whole_stream(request: web.BaseRequest, upstream_response: UpstreamResponse,
         body = hider.feed(body) + hider.flush()
     if length is not None:
         headers["Content-Length"] = str(length)  # the upstream's (a HEAD answer's body is empty)
-    response = web.Response(status=upstream_response.status, reason=upstream_response.reason, headers=headers,
-                            body=body)
-    if length is None and request.version == HttpVersion11:
-        response.enable_chunked_encoding()  # as the stream would be; HTTP/1.0 has no chunks and gets a length
-    return response
+    # Chunked when the stream would be (HTTP/1.0 has no chunks: the server gives it a length).
+    return Response(upstream_response.status, body, headers, upstream_response.reason, chunked=length is None)
 
 
-async def _stream(response: web.StreamResponse, upstream_response: UpstreamResponse, spec: UpstreamSpec,
+async def _stream(request: Request, upstream_response: UpstreamResponse, spec: UpstreamSpec,
                   meter: UsageMeter, hider: UsageChunkFilter | None) -> None:
     """Copy the body as it arrives (SSE events are not held back), reading usage and hiding the usage event.
 
@@ -155,10 +144,10 @@ async def _stream(response: web.StreamResponse, upstream_response: UpstreamRespo
                 last = out
                 break
             if out:
-                await response.write(out)
+                await request.write(out)
     if hider is not None:
         last += hider.flush()
-    await response.write_eof(last)
+    request.finish(last)
 
 
 def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> Usage | None:
@@ -171,7 +160,7 @@ def _account(event: TraceEvent, spec: UpstreamSpec, meter: UsageMeter) -> Usage 
 
 async def _filtered_tools(upstream_response: UpstreamResponse, name: str, agent: AgentPolicy,
                           ids: tuple[Any, ...], headers: CIMultiDict[str], content_type: str,
-                          upstream: Upstream) -> web.Response:
+                          upstream: Upstream) -> Response:
     """`tools/list` answers are small: read whole, keep only the tools this agent may call."""
     body = await upstream_response.read()
 
@@ -183,4 +172,4 @@ async def _filtered_tools(upstream_response: UpstreamResponse, name: str, agent:
         filtered = filter_tools(body, content_type, ids, keep)
     except ValueError as exc:
         raise GatewayError("upstream_error", f"upstream {name!r} sent a tools/list answer that is not JSON") from exc
-    return web.Response(status=200, body=filtered, headers=headers)
+    return Response(200, filtered, headers)

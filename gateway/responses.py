@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 from .classify.mcp import RpcInfo
 from .errors import GatewayError
+from .http_server import Response
 
 # JSON-RPC codes: -32600 invalid request, -32700 parse error; -32000.. for server-defined errors.
 _RPC_CODES = {"bad_request": -32600, "payload_too_large": -32600, "policy_denied": -32001,
@@ -34,12 +34,12 @@ def _rpc_error(error: GatewayError, trace_id: str, msg_id: Any) -> dict[str, Any
 
 
 def error_response(kind: str | None, error: GatewayError, trace_id: str, rpc: RpcInfo | None = None,
-                   element_errors: dict[int, GatewayError] | None = None) -> web.Response:
+                   element_errors: dict[int, GatewayError] | None = None) -> Response:
     """`kind` is the upstream kind (None when the upstream is unknown: the OpenAI-style shape is used).
 
     For an MCP batch, every element gets an answer: its own error if it was refused, else `error`.
     """
-    headers = {"x-agent-gateway-trace-id": trace_id, **error.headers}
+    headers = {"Content-Type": "application/json", "x-agent-gateway-trace-id": trace_id, **error.headers}
     if kind == "anthropic":
         payload: Any = {"type": "error", "error": _body(error, trace_id)}
     elif kind == "mcp" and error.type != "unauthenticated":
@@ -50,14 +50,11 @@ def error_response(kind: str | None, error: GatewayError, trace_id: str, rpc: Rp
             answers = [_rpc_error(errs.get(i, error), trace_id, msg_id)
                        for i, msg_id in enumerate(rpc.ids) if msg_id is not None]
             if not answers:  # notifications only: JSON-RPC has nothing to answer, HTTP still must
-                return web.Response(status=error.status, headers=headers, content_type="application/json",
-                                    body=orjson.dumps({"error": _body(error, trace_id)}))
+                return Response(error.status, orjson.dumps({"error": _body(error, trace_id)}), headers)
             payload = answers if rpc.batch else answers[0]
-        return web.Response(status=200, headers=headers, body=orjson.dumps(payload),
-                            content_type="application/json")
+        return Response(200, orjson.dumps(payload), headers)
     else:
         payload = {"error": _body(error, trace_id)}
     if error.type == "unauthenticated":
         headers.setdefault("WWW-Authenticate", 'Bearer realm="agent-gateway"')
-    return web.Response(status=error.status, headers=headers, body=orjson.dumps(payload),
-                        content_type="application/json")
+    return Response(error.status, orjson.dumps(payload), headers)

@@ -19,6 +19,7 @@ from .admin.app import admin_app
 from .approvals import Approval
 from .approvals.backends import open_approvals
 from .control import open_control
+from .http_server import AgentServer, Request, Response
 from .identity import Authenticator
 from .keys import JwtSettings, KeySource
 from .limits.alerts import Alerts
@@ -26,7 +27,7 @@ from .limits.backends import open_store
 from .limits.enforce import Settler
 from .limits.store import Reservation, Settlement
 from .metrics import METRICS, Metrics
-from .pipeline import handle
+from .pipeline import handle, refuse_unparsed
 from .policy.compile import Policy, compile_policy
 from .policy.load import load_rules
 from .reload import Reloader
@@ -113,16 +114,12 @@ def approval_notifier(runtime: Runtime) -> Callable[[Approval], None]:
     return notify
 
 
-def agents_server(runtime: Runtime) -> web.Server:
-    """The agents' port: aiohttp's low-level server, every request straight into the pipeline.
-
-    No Application, router or middleware chain: the port has one handler, and skipping them saves work on
-    every call. handler_cancellation: a held call whose agent hung up must not be forwarded after an approval.
-    """
-    async def agents_handler(request: web.BaseRequest) -> web.StreamResponse:
+def agents_server(runtime: Runtime) -> AgentServer:
+    """The agents' port: every request straight into the pipeline (see http_server for why not aiohttp's)."""
+    async def agents_handler(request: Request) -> Response | None:
         return await handle(request, runtime)
 
-    return web.Server(agents_handler, handler_cancellation=True, access_log=None)
+    return AgentServer(agents_handler, refuse_unparsed(runtime), runtime.settings.max_body)
 
 
 def make_admin_app(runtime: Runtime) -> web.Application:
@@ -136,7 +133,7 @@ def make_admin_app(runtime: Runtime) -> web.Application:
 @dataclass
 class RunningGateway:
     runtime: Runtime
-    agents: web.BaseRunner
+    agents: AgentServer
     admin: web.AppRunner
     agents_port: int
     admin_port: int
@@ -154,7 +151,7 @@ class RunningGateway:
         """Drain: refuse new calls, let in-flight ones finish (held calls can still be decided on the
         admin side meanwhile), then flush the trace and close the upstream pool."""
         self.runtime.ready = False
-        await self.agents.cleanup()
+        await self.agents.close(self.runtime.settings.drain_timeout)
         await self.admin.cleanup()
         await self.runtime.reloader.close()
         await self.runtime.sync.close()
@@ -179,14 +176,12 @@ def _port(runner: web.BaseRunner) -> int:
 async def start_gateway(settings: Settings, sink: TraceSink | None = None, reuse_port: bool = False) -> RunningGateway:
     ssl_context = server_context(settings)  # before anything opens: a bad TLS set-up fails fast
     runtime = await build_runtime(settings, sink)
-    agents = web.ServerRunner(agents_server(runtime), shutdown_timeout=settings.drain_timeout)
+    agents = agents_server(runtime)
     admin = web.AppRunner(make_admin_app(runtime), access_log=None, shutdown_timeout=5)
-    await agents.setup()
     await admin.setup()
-    await web.TCPSite(agents, settings.host, settings.port, reuse_port=reuse_port or None,
-                      ssl_context=ssl_context).start()
+    agents_port = await agents.start(settings.host, settings.port, ssl_context, reuse_port)
     await web.TCPSite(admin, settings.admin_host, settings.admin_port, reuse_port=reuse_port or None).start()
-    return RunningGateway(runtime, agents, admin, _port(agents), _port(admin))
+    return RunningGateway(runtime, agents, admin, agents_port, _port(admin))
 
 
 async def _serve(settings: Settings, reuse_port: bool = False) -> None:

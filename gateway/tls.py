@@ -10,8 +10,7 @@ import ssl
 import weakref
 from typing import Any
 
-from aiohttp import web
-
+from .http_server import Request
 from .models import Agent
 from .runtime import Runtime
 from .settings import Settings
@@ -68,7 +67,7 @@ def cert_agent_id(cert: dict[str, Any]) -> str | None:
     return None
 
 
-def peer_agent_id(request: web.BaseRequest) -> str | None:
+def peer_agent_id(request: Request) -> str | None:
     """The agent id in this connection's client certificate, parsed once per connection; None without one."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -84,7 +83,7 @@ def peer_agent_id(request: web.BaseRequest) -> str | None:
     return agent
 
 
-async def identify(request: web.BaseRequest, rt: Runtime) -> Agent:
+async def identify(request: Request, rt: Runtime) -> Agent:
     """The identify stage on the agents' port: the JWT, the client certificate, or both bound together."""
     settings = rt.settings
     peer = peer_agent_id(request) if settings.client_ca else None

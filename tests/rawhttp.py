@@ -40,7 +40,7 @@ async def exchange(url: str, data: bytes, limit: float = 10.0) -> RawResponse:
         async with asyncio.timeout(limit):
             writer.write(data)
             await writer.drain()
-            return await _read_response(reader)
+            return await read_response(reader)
     finally:
         writer.close()
         # The server may reset a connection whose body it did not read.
@@ -66,16 +66,23 @@ def chunked(body: bytes, size: int) -> bytes:
     return bytes(out + b"0\r\n\r\n")
 
 
-async def _read_response(reader: asyncio.StreamReader) -> RawResponse:
+async def read_response(reader: asyncio.StreamReader, bodiless: bool = False) -> RawResponse:
+    """One response from `reader`: its body framed by length, chunked or by the server closing. `bodiless` for an
+    answer to HEAD (1xx, 204 and 304 answers have no body anyway)."""
     status_line = (await reader.readline()).decode("latin-1")
     if not status_line:
         raise ConnectionError("the server closed the connection without answering")
-    status = int(status_line.split(" ", 2)[1])
+    version, _, rest = status_line.partition(" ")
+    if not version.startswith("HTTP/1."):  # e.g. body bytes a server wrote where none belonged
+        raise ValueError(f"not a status line: {status_line!r}")
+    status = int(rest.split(" ", 1)[0])
     headers: CIMultiDict[str] = CIMultiDict()
     while (line := (await reader.readline()).decode("latin-1").rstrip("\r\n")):
         name, _, value = line.partition(":")
         headers.add(name.strip(), value.strip())
-    if "Content-Length" in headers:
+    if bodiless or status < 200 or status in (204, 304):
+        body = b""
+    elif "Content-Length" in headers:
         body = await reader.readexactly(int(headers["Content-Length"]))
     elif headers.get("Transfer-Encoding", "").lower() == "chunked":
         body = await _read_chunked(reader)

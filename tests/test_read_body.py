@@ -3,55 +3,89 @@
 from __future__ import annotations
 
 import asyncio
-from unittest import mock
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import streams
-from aiohttp.test_utils import make_mocked_request
+import rawhttp
 
 from gateway.errors import GatewayError
+from gateway.http_server import AgentServer, Request, Response
 from gateway.pipeline import read_body
 
-
-def request_with(stream: streams.StreamReader, length: int | None) -> object:
-    headers = {"Content-Length": str(length)} if length is not None else {"Transfer-Encoding": "chunked"}
-    return make_mocked_request("POST", "/erp/payments", headers=headers, payload=stream)
-
-
-def new_stream() -> streams.StreamReader:
-    return streams.StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+LIMIT = 1024
+GUARD = 5.0
+BODY = b'{"amount": 12, "note": "\xe2\x82\xac\r\n"}'
 
 
-@pytest.mark.parametrize("length", [11, None])
-async def test_a_body_that_arrived_with_the_headers_is_taken_whole(length: int | None) -> None:
-    stream = new_stream()
-    for piece in (b"hello", b" ", b"world"):
-        stream.feed_data(piece)
-    stream.feed_eof()
-    assert await read_body(request_with(stream, length), 1024) == b"hello world"  # type: ignore[arg-type]
-    assert stream.at_eof()
+@contextlib.asynccontextmanager
+async def reading(limit: int = LIMIT) -> AsyncIterator[tuple[int, asyncio.Event, list[bytes | GatewayError]]]:
+    """A server whose handler reads each body with read_body and records what it got; its port, and an event set
+    when the handler starts (the request's head is in)."""
+    started = asyncio.Event()
+    got: list[bytes | GatewayError] = []
+
+    async def handler(request: Request) -> Response:
+        started.set()
+        try:
+            got.append(await read_body(request, limit))
+        except GatewayError as exc:
+            got.append(exc)
+        return Response(200)
+
+    def unparsed(message: str, _transport: asyncio.BaseTransport) -> Response:
+        raise AssertionError(message)
+
+    server = AgentServer(handler, unparsed, limit)
+    try:
+        yield await server.start("127.0.0.1", 0), started, got
+    finally:
+        await server.close(0)
 
 
-@pytest.mark.parametrize("length", [11, None])
-async def test_a_body_arriving_after_the_headers_is_awaited_piece_by_piece(length: int | None) -> None:
-    stream = new_stream()
-    stream.feed_data(b"hel")
-    reading = asyncio.ensure_future(read_body(request_with(stream, length), 1024))  # type: ignore[arg-type]
-    await asyncio.sleep(0)  # one loop step: the reader takes what is there and waits for more
-    assert not reading.done()
-    stream.feed_data(b"lo world")
-    await asyncio.sleep(0)
-    assert not reading.done()  # no end of body yet
-    stream.feed_eof()
-    assert await reading == b"hello world"
+def head(framing: str, length: int) -> bytes:
+    header = f"Content-Length: {length}" if framing == "length" else "Transfer-Encoding: chunked"
+    return f"POST /erp/payments HTTP/1.1\r\nHost: a\r\n{header}\r\nConnection: close\r\n\r\n".encode()
 
 
-@pytest.mark.parametrize("arrived_whole", [True, False])
-async def test_a_body_over_the_limit_is_refused_either_way(arrived_whole: bool) -> None:
-    stream = new_stream()
-    stream.feed_data(b"x" * 1025)
-    if arrived_whole:
-        stream.feed_eof()
-    with pytest.raises(GatewayError) as refused:
-        await read_body(request_with(stream, None), 1024)  # type: ignore[arg-type]
-    assert refused.value.type == "payload_too_large"
+def framed(framing: str, body: bytes) -> bytes:
+    return body if framing == "length" else rawhttp.chunked(body, 5)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_read_body_takes_a_body_that_arrived_with_the_headers(framing: str) -> None:
+    async with reading() as (port, _, got):
+        response = await rawhttp.exchange(f"http://127.0.0.1:{port}", head(framing, len(BODY)) + framed(framing, BODY))
+        assert response.status == 200
+        assert got == [BODY]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_read_body_awaits_a_body_arriving_after_the_headers(framing: str) -> None:
+    async with reading() as (port, started, got):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            async with asyncio.timeout(GUARD):
+                writer.write(head(framing, len(BODY)))
+                await started.wait()  # the handler is in read_body with no byte of the body yet
+                data = framed(framing, BODY)
+                writer.write(data[:7])
+                writer.write(data[7:])
+                response = await rawhttp.read_response(reader)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        assert response.status == 200
+        assert got == [BODY]
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_read_body_refuses_a_body_over_the_limit_as_payload_too_large(framing: str) -> None:
+    body = b"x" * (LIMIT + 1)
+    async with reading() as (port, _, got):
+        # Declared over the limit, the body is never needed: send only the head then.
+        data = head(framing, len(body)) + (framed(framing, body) if framing == "chunked" else b"")
+        await rawhttp.exchange(f"http://127.0.0.1:{port}", data)
+        (refused,) = got
+        assert isinstance(refused, GatewayError) and refused.type == "payload_too_large"
+        assert str(LIMIT) in refused.message
