@@ -111,6 +111,7 @@ class Settler:
         # The in-process store never suspends, so its settlement can run inline, where no cancellation can land
         # mid-way; a store across the network settles from a task of its own (settle_soon).
         self.inline = isinstance(store, MemoryStore)
+        self.ordered = store.ordered
         self._pending: list[tuple[Reservation, int, int]] = []
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # settle_soon tasks, kept referenced until done

@@ -22,6 +22,8 @@ from .store import (
 
 
 class MemoryStore:
+    ordered = True
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._cells: dict[str, tuple[float, float]] = {}  # key -> (value, expires at): one lookup per read

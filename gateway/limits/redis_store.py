@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import math
 import time
@@ -199,6 +200,8 @@ class RedisStore:
                  clock: Callable[[], float] = time.time, resp: RespClient | None = None) -> None:
         self._client = client  # without `resp`, every call; with it, only its configuration (and the sentinels)
         self._resp = resp
+        # One RESP connection carries every call in order; a cluster's pooled connections do not.
+        self.ordered = resp is not None
         self._timeout = timeout
         self._clock = clock
         self._scripts = {"reserve": RESERVE, "settle": SETTLE}
@@ -221,7 +224,10 @@ class RedisStore:
                               driver_info=None)  # no CLIENT SETINFO: one fewer round trip per new connection
         if isinstance(client, RedisCluster):
             return cls(client, timeout, clock)
-        return cls(client, timeout, clock, RespClient(endpoint(client), timeout))
+        # Every session loads the scripts before its first call: an EVALSHA that met NOSCRIPT would be sent again
+        # after the calls queued behind it, and a settle must never fall behind the agent's next reserve.
+        session = dataclasses.replace(endpoint(client), scripts=(RESERVE, SETTLE))
+        return cls(client, timeout, clock, RespClient(session, timeout))
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await bounded(what, operation(), self._timeout)
@@ -414,14 +420,24 @@ def _bulk(value: str | int | float) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+_SMALL = tuple(_bulk(n) for n in range(256))  # counts, flags and small token numbers, encoded once
+
+
+def _bulk_int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return _SMALL[value]
+    data = b"%d" % value
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 class _Wire:
     """The script calls packed for the RESP connection, byte for byte what hiredis.pack_command makes of
     `reserve_arguments`/`settle_arguments`, but without re-encoding what repeats call after call.
 
     The planner hands out the same counter objects for as long as their window lasts, so each counter's key
     and fixed arguments are encoded once (kept by identity, bounded) and a call only encodes what varies: the
-    time, the token counts, the marker and the loop detector's key. Packing the benchmark's reserve this way
-    costs about a quarter of encoding its 37 values one by one.
+    time, the token counts, the marker and the loop detector's key (its fixed arguments are kept by value, as
+    each call has a counter of its own). Small integers come from a table.
     """
 
     _LIMIT = 4096  # counters kept; planners make new ones as windows roll over and rule sets reload
@@ -430,6 +446,7 @@ class _Wire:
         self._reserve_head = b"$7\r\nEVALSHA\r\n" + _bulk(reserve_sha)
         self._settle_head = b"$7\r\nEVALSHA\r\n" + _bulk(settle_sha)
         self._parts: dict[int, tuple[object, tuple[bytes, ...]]] = {}
+        self._loops: dict[tuple[int, float], tuple[bytes, bytes]] = {}
 
     def _budget(self, b: BudgetCounter) -> tuple[bytes, ...]:
         """(key, reserve arguments, alert key, settle arguments after the delta)."""
@@ -447,48 +464,58 @@ class _Wire:
         """(key, reserve arguments, settle arguments after the delta)."""
         entry = self._parts.get(id(r))
         if entry is None or entry[0] is not r:
-            parts = (_bulk(r.key), b"".join(map(_bulk, (r.limit, r.period, r.per_call, r.per_input, r.per_output))),
-                     _bulk(r.period) + _bulk(r.limit))
-            if r.kind == "loop":  # one per call: never seen again, not worth keeping
-                return parts
+            if r.kind == "loop":  # one per call, never seen again: only its fixed arguments are worth keeping
+                fixed = self._loops.get((r.limit, r.period))
+                if fixed is None:
+                    if len(self._loops) >= self._LIMIT:
+                        self._loops.clear()
+                    fixed = self._loops[(r.limit, r.period)] = self._fixed(r)
+                return (_bulk(r.key), *fixed)
             if len(self._parts) >= self._LIMIT:
                 self._parts.clear()
-            entry = self._parts[id(r)] = (r, parts)
+            entry = self._parts[id(r)] = (r, (_bulk(r.key), *self._fixed(r)))
         return entry[1]
+
+    @staticmethod
+    def _fixed(r: RateCounter) -> tuple[bytes, bytes]:
+        return (b"".join(map(_bulk, (r.limit, r.period, r.per_call, r.per_input, r.per_output))),
+                _bulk(r.period) + _bulk(r.limit))
 
     def reserve(self, plan: Plan) -> bytes:
         budgets = [self._budget(b) for b in plan.budgets]
         rates = [self._rate(r) for r in plan.rates]
         nkeys = len(budgets) + len(rates) + 1
         return b"".join((
-            b"*%d\r\n" % (3 + nkeys + 6 + 5 * len(budgets) + 5 * len(rates)), self._reserve_head, _bulk(nkeys),
+            b"*%d\r\n" % (3 + nkeys + 6 + 5 * len(budgets) + 5 * len(rates)), self._reserve_head, _bulk_int(nkeys),
             *(b[0] for b in budgets), *(r[0] for r in rates), _bulk(plan.marker),
-            _bulk(plan.now), _bulk(plan.input), _bulk(plan.output),
-            _bulk("" if plan.min_output is None else plan.min_output), _bulk(_px(plan.marker_ttl)),
-            _bulk(len(budgets)), *(b[1] for b in budgets), *(r[1] for r in rates)))
+            _bulk(plan.now), _bulk_int(plan.input), _bulk_int(plan.output),
+            b"$0\r\n\r\n" if plan.min_output is None else _bulk_int(plan.min_output),
+            _bulk_int(_px(plan.marker_ttl)), _bulk_int(len(budgets)), *(b[1] for b in budgets),
+            *(r[1] for r in rates)))
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int, now: float) -> bytes:
         plan = reservation.plan
         budgets = [self._budget(b) for b in plan.budgets]
         nargs = 2 * len(budgets)
         budget_args = []
+        # Integer arithmetic, as settle_arguments: the difference of the costs, written as one expression.
+        more_input, more_output = input_tokens - plan.input, output_tokens - reservation.output
         for b, parts in zip(plan.budgets, budgets, strict=True):
-            delta = budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
-            budget_args += [_bulk(delta), parts[3]]
+            budget_args += [_bulk_int(b.per_input * more_input + b.per_output * more_output), parts[3]]
             nargs += 4 + len(b.alert_at)
         rate_keys, rate_args = [], []
         for r in plan.rates:
-            delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
+            delta = r.per_input * more_input + r.per_output * more_output  # a call count never changes
             if delta:  # as settle_arguments: a counter whose cost did not change is not sent
                 parts = self._rate(r)
                 rate_keys.append(parts[0])
-                rate_args += [_bulk(delta), parts[2]]
+                rate_args += [_bulk_int(delta), parts[2]]
                 nargs += 4
         nkeys = 1 + 2 * len(budgets) + len(rate_keys)
         return b"".join((
-            b"*%d\r\n" % (3 + 1 + nargs + 2), self._settle_head, _bulk(nkeys), _bulk(plan.marker),
+            b"*%d\r\n" % (3 + 1 + nargs + 2), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
             *(b[0] for b in budgets), *(b[2] for b in budgets), *rate_keys,
-            _bulk(now), _bulk(len(budgets)), *budget_args, *rate_args))
+            _bulk(now), _bulk_int(len(budgets)), *budget_args, *rate_args))
 
 
 def _px(seconds: float) -> int:

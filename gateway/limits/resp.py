@@ -33,7 +33,7 @@ class Unsent(ConnectionError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the server is, and how a session on it opens (AUTH, SELECT, CLIENT SETNAME)."""
+    """Where the server is, and how a session on it opens (AUTH, SELECT, CLIENT SETNAME, SCRIPT LOAD)."""
 
     locate: Callable[[], Awaitable[tuple[str, int]]]  # asked for every new connection: a sentinel's master moves
     tls: Callable[[], ssl.SSLContext] | None = None
@@ -41,6 +41,7 @@ class Endpoint:
     password: str | None = None
     db: int = 0
     client_name: str | None = None
+    scripts: tuple[str, ...] = ()  # Lua scripts loaded before the session's first command
 
     def hello(self) -> list[Command]:
         commands: list[Command] = []
@@ -52,6 +53,7 @@ class Endpoint:
             commands.append(("SELECT", self.db))
         if self.client_name:
             commands.append(("CLIENT", "SETNAME", self.client_name))
+        commands += [("SCRIPT", "LOAD", script) for script in self.scripts]
         return commands
 
 

@@ -115,6 +115,10 @@ class Settlement:
 
 
 class Store(Protocol):
+    # Whether this process's calls apply in the order they were made: a reserve made after a settle was made
+    # sees that settlement, without waiting for its reply (one connection, or no network at all).
+    ordered: bool
+
     async def reserve(self, plan: Plan) -> Reservation | Refusal:
         """Check every counter and, only if all admit, charge them all; atomically, in one round trip."""
         ...

@@ -195,6 +195,31 @@ async def test_token_budget_refuses_call_it_cannot_cover(tmp_path: Path, http: a
          "resets_at": reset.timestamp()}]}
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_next_call_on_a_connection_sees_the_last_settlement_without_waiting_for_its_trace(
+        tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    # Each call reserves ESTIMATE + 100 = 104 and settles to USED = 5. The budget admits the k-th call (k from 0)
+    # only if every earlier one has settled: 5k + 104 <= 5 * 19 + 104 + 5, whereas one unsettled call before it
+    # makes 5(k-1) + 208, over the limit. The calls go back to back on one keep-alive connection, each sent as
+    # soon as the last answer is in, never waiting for a trace event (which follows the settlement).
+    limit = 5 * 19 + 104 + 5
+    rules = write_rules(tmp_path, {"ryw-bot": ALLOW + NO_LOOP + f"budgets:\n  - {{tokens: {limit}, per: day}}\n"})
+    overrides = {"redis_url": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": HELLO}], "max_tokens": 100}
+    async with running(rules, **overrides) as stack, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1)) as one_connection:
+        headers = {"Authorization": f"Bearer {stack.token('ryw-bot')}"}
+        statuses = []
+        for _ in range(20):
+            async with one_connection.post(f"{stack.url}/openai/chat/completions", json=body,
+                                           headers=headers) as resp:
+                await resp.read()
+                statuses.append(resp.status)
+        final = await usage(one_connection, stack, "ryw-bot")
+    assert statuses == [200] * 20
+    assert final["budgets"][0]["used"] == 20 * USED
+
+
 async def test_usd_budget_charged_usage_times_prices(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     rules = write_rules(tmp_path, {"usd-bot": ALLOW + "budgets:\n  - {id: monthly-usd, usd: 1, per: month}\n"})
     async with running(rules) as stack:

@@ -18,7 +18,7 @@ import redis
 from conftest import RedisProcess, free_port, redis_command
 from resp_plans import NOW, PROMPTLY, RPM, assert_own, budget, plan, run  # noqa: F401 (run: a fixture)
 
-from gateway.limits.redis_store import RESERVE, RedisStore
+from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import StoreUnavailable
 
 
@@ -131,9 +131,8 @@ def test_a_connection_cut_mid_batch_answers_the_first_callers_and_fails_the_rest
                                                                                  redis_url: str,
                                                                                  redis_server: RedisProcess) -> None:
     async def scenario() -> None:
-        with redis.Redis(port=redis_server.port) as raw:
-            raw.script_load(RESERVE)  # so the batch below is 200 EVALSHAs and their 200 replies, nothing else
-        async with cutting_proxy(redis_server.port, replies=120) as port:
+        # The session's opening loads both scripts (two replies); then the batch is 200 EVALSHAs and their replies.
+        async with cutting_proxy(redis_server.port, replies=2 + 120) as port:
             store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", timeout=30.0, clock=lambda: NOW)
             try:
                 plans = [plan(i) for i in range(200)]
