@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs
 
 from ..incoming import Incoming
 from ..models import Action, Decision
-from .compile import AgentPolicy, Policy, Rule
+from .compile import AgentPolicy, Policy, Step
 from .conditions import MISSING, Path, walk
 
 AUDIT_RULE = "mode:audit"
@@ -57,54 +59,74 @@ class Facts:
         return MISSING
 
 
-def _matches(rule: Rule, facts: Facts, errors_match: bool) -> tuple[bool, dict[str, Any], str | None]:
+_MISS: tuple[bool, Mapping[str, Any], str | None] = (False, MappingProxyType({}), None)
+
+
+def _matches(step: Step, facts: Facts, errors_match: bool) -> tuple[bool, Mapping[str, Any], str | None]:
     """Whether a rule applies; a condition that errors matches deny/hold rules and not allow rules."""
-    if not rule.covers(facts.action.resource):
-        return False, {}, None
-    if rule.condition is None:
+    if not step.covers(facts.action.resource):
+        return _MISS
+    condition = step.condition
+    if condition is None:
         return True, {}, None
-    result, evidence = rule.condition.evaluate(facts.resolve)
+    result, evidence = condition.evaluate(facts.resolve)
     if isinstance(result, Exception):
         return errors_match, evidence, f"condition error ({type(result).__name__}: {result})"
     return result, evidence, None
 
 
 def decide(policy: Policy, agent: AgentPolicy, action: Action, request: Incoming) -> Decision:
-    mode = agent.spec.mode
+    # Of the agent, only its plan (shared with agents that have the same rules) and its rule ids are read: the
+    # fewer objects of its own a decision touches, the less its cost grows with the number of active agents.
+    plan = agent.plan
+    mode = plan.mode
     if action.plumbing:
-        if action.upstream in agent.granted_upstreams:
+        if action.upstream in plan.granted:
             return Decision("allow", PLUMBING_RULE, policy.version, mode,
                             f"MCP session method {action.verb} on an upstream the agent holds a grant on")
         return Decision("deny", DEFAULT_RULE, policy.version, mode,
-                        f"agent {agent.spec.id!r} holds no grant on upstream {action.upstream!r}")
-    bucket = agent.bucket(action.upstream, action.verb)
+                        f"agent {agent.id!r} holds no grant on upstream {action.upstream!r}")
+    deny, hold, allow = plan.steps(action.upstream, action.verb)
+    ids = agent.rule_ids
     facts = Facts(agent, action, request)
-    staged = _Staged()
-    for rule in bucket.deny:
-        hit, evidence, note = _matches(rule, facts, errors_match=True)
-        if hit and staged.passes(rule, "deny"):
-            reason = rule.spec.reason or f"denied by rule {rule.spec.id}"
-            return staged.into(Decision("deny", rule.spec.id, policy.version, mode,
-                                        f"{reason}; {note}" if note else reason, evidence))
-    for rule in bucket.hold:
-        hit, evidence, note = _matches(rule, facts, errors_match=True)
-        if hit and staged.passes(rule, "hold"):
-            reason = rule.spec.reason or f"held for approval by rule {rule.spec.id}"
-            return staged.into(Decision("hold", rule.spec.id, policy.version, mode,
-                                        f"{reason}; {note}" if note else reason, evidence,
-                                        timeout=rule.spec.timeout or policy.default_hold_timeout))
-    for rule in bucket.allow:
-        hit, evidence, _ = _matches(rule, facts, errors_match=False)
+    staged: _Staged | None = None  # made when the first staged rule matches
+    for step in deny:
+        hit, evidence, note = _matches(step, facts, errors_match=True)
+        if not hit:
+            continue
+        rule_id = ids[step.position]
+        if step.enforce != "enforce":
+            staged = staged or _Staged()
+            staged.record(step.enforce, rule_id, "deny")
+            continue
+        reason = step.reason or f"denied by rule {rule_id}"
+        return _with(staged, Decision("deny", rule_id, policy.version, mode,
+                                      f"{reason}; {note}" if note else reason, evidence))
+    for step in hold:
+        hit, evidence, note = _matches(step, facts, errors_match=True)
+        if not hit:
+            continue
+        rule_id = ids[step.position]
+        if step.enforce != "enforce":
+            staged = staged or _Staged()
+            staged.record(step.enforce, rule_id, "hold")
+            continue
+        reason = step.reason or f"held for approval by rule {rule_id}"
+        return _with(staged, Decision("hold", rule_id, policy.version, mode, f"{reason}; {note}" if note else reason,
+                                      evidence, timeout=step.timeout or policy.default_hold_timeout))
+    for step in allow:
+        hit, evidence, _ = _matches(step, facts, errors_match=False)
         if hit:
+            rule_id = ids[step.position]
             if mode == "audit" and action.verb != "read":
-                return staged.into(Decision("hold", AUDIT_RULE, policy.version, mode,
-                                            f"agent is in audit mode: {action.verb} (allowed by {rule.spec.id}) "
-                                            "needs a human", evidence, timeout=policy.default_hold_timeout))
-            return staged.into(Decision("allow", rule.spec.id, policy.version, mode,
-                                        rule.spec.reason or f"allowed by rule {rule.spec.id}", evidence))
+                return _with(staged, Decision("hold", AUDIT_RULE, policy.version, mode,
+                                              f"agent is in audit mode: {action.verb} (allowed by {rule_id}) "
+                                              "needs a human", evidence, timeout=policy.default_hold_timeout))
+            return _with(staged, Decision("allow", rule_id, policy.version, mode,
+                                          step.reason or f"allowed by rule {rule_id}", evidence))
     target = f"{action.upstream}/{action.resource}" if action.resource else action.upstream
-    return staged.into(Decision("deny", DEFAULT_RULE, policy.version, mode,
-                                f"no rule allows {action.verb!r} on {target!r} for agent {agent.spec.id!r}"))
+    return _with(staged, Decision("deny", DEFAULT_RULE, policy.version, mode,
+                                  f"no rule allows {action.verb!r} on {target!r} for agent {agent.id!r}"))
 
 
 class _Staged:
@@ -117,30 +139,27 @@ class _Staged:
         self.shadow: list[dict[str, str]] = []
         self.warnings: list[dict[str, str]] = []
 
-    def passes(self, rule: Rule, effect: str) -> bool:
-        """Whether a matching rule decides (enforce) rather than being recorded (shadow, warn)."""
-        mode = rule.spec.enforce
-        if mode == "enforce":
-            return True
-        if mode == "shadow":
-            self.shadow.append({"rule": rule.spec.id, "would": effect})
+    def record(self, enforce: str, rule: str, effect: str) -> None:
+        if enforce == "shadow":
+            self.shadow.append({"rule": rule, "would": effect})
         else:
-            self.warnings.append({"rule": rule.spec.id, "warn": effect})
-        return False
+            self.warnings.append({"rule": rule, "warn": effect})
 
-    def into(self, decision: Decision) -> Decision:
-        if not self.shadow and not self.warnings:
-            return decision
-        return replace(decision, shadow=tuple(self.shadow), warnings=tuple(self.warnings))
+
+def _with(staged: _Staged | None, decision: Decision) -> Decision:
+    """The decision, with what staged rules that matched before it did."""
+    if staged is None:
+        return decision
+    return replace(decision, shadow=tuple(staged.shadow), warnings=tuple(staged.warnings))
 
 
 def may_call_tool(agent: AgentPolicy, upstream: str, verb: str, resource: str) -> bool:
     """Whether a tool belongs in this agent's `tools/list`: some allow or hold rule could let it through,
     and no unconditional deny rule blocks it."""
-    bucket = agent.bucket(upstream, verb)
-    if any(r.condition is None and r.covers(resource) for r in bucket.deny):
+    deny, hold, allow = agent.plan.steps(upstream, verb)
+    if any(s.condition is None and s.covers(resource) for s in deny):
         return False
-    return any(r.covers(resource) for r in (*bucket.allow, *bucket.hold))
+    return any(s.covers(resource) for s in (*allow, *hold))
 
 
 _RANK = {"deny": 2, "hold": 1, "allow": 0}
