@@ -16,8 +16,6 @@ from .store import (
     Refusal,
     Reservation,
     Settlement,
-    budget_cost,
-    rate_cost,
 )
 
 
@@ -59,6 +57,9 @@ class MemoryStore:
             return Reservation(plan, int(marker[0]), tuple(int(self._get(b.key, now) or 0) for b in plan.budgets),
                                left)
         output = plan.output
+        spent = plan.input
+        # The costs (store.rate_cost, budget_cost) and _remaining are written out inline: this runs on every call.
+        # The arithmetic is theirs, operation for operation, so the results stay exactly the Redis scripts'.
         # 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
         # (Cells are read inline, not through _get: an expired cell reads as absent and is overwritten below.)
         used_before: list[int] = []
@@ -66,7 +67,7 @@ class MemoryStore:
             cell = cells.get(budget.key)
             used = int(cell[0]) if cell is not None and cell[1] > now else 0
             used_before.append(used)
-            room = budget.limit - used - budget.per_input * plan.input
+            room = budget.limit - used - budget.per_input * spent
             if room < 0:  # the input alone does not fit (or the budget is overdrawn): no output size can help
                 return Refusal("budget_exceeded", budget.id, max(0.0, budget.resets_at - now))
             if budget.per_output > 0:
@@ -81,22 +82,25 @@ class MemoryStore:
         for rate in plan.rates:
             cell = cells.get(rate.key)
             tat = cell[0] if cell is not None and cell[1] > now and cell[0] > now else now
-            new_tat = tat + rate_cost(rate, plan.input, output) * rate.period / rate.limit
-            if new_tat - now > rate.period:
-                retry = new_tat - now - rate.period
+            period = rate.period
+            new_tat = tat + (rate.per_call + rate.per_input * spent + rate.per_output * output) * period / rate.limit
+            if new_tat - now > period:
+                retry = new_tat - now - period
                 detail = "loop_detected" if rate.kind == "loop" else None
                 return Refusal("rate_limited", rate.id, retry, detail)
             new_tats.append(new_tat)
         # 3. Admitted: charge everything.
         used_after = []
         for budget, used in zip(plan.budgets, used_before, strict=True):
-            total = used + budget_cost(budget, plan.input, output)
+            total = used + budget.per_input * spent + budget.per_output * output
             cells[budget.key] = (total, now + budget.ttl)
             used_after.append(total)
         remaining = []
         for rate, new_tat in zip(plan.rates, new_tats, strict=True):
             cells[rate.key] = (new_tat, new_tat + 1)
-            remaining.append(_remaining(rate, new_tat, now))
+            period = rate.period
+            units = math.floor((period - (new_tat - now)) / (period / rate.limit) + 1e-9)
+            remaining.append(units if units > 0 else 0)
         if plan.settles:  # nothing here is ever retried, so only settlement needs the marker
             cells[plan.marker] = (output, now + plan.marker_ttl)
         return Reservation(plan, output, tuple(used_after), tuple(remaining))
