@@ -1,11 +1,12 @@
 """Scaling measurements: decision time against the number of agents, and memory with many held calls.
 
-    python loadtests/scaling.py [--agents 10,1000,10000] [--calls 20000] [--repeats 7]
+    python loadtests/scaling.py [--agents 10,1000,10000] [--calls 20000] [--repeats 25]
                                 [--held 10000] [--only decisions|held] [--cpu N] [--json FILE]
 
 Decisions: rule sets of N generated agents (each with allow, hold and deny rules, CEL conditions among them,
 on the example upstreams) are loaded and compiled, then `decide_each` is timed over the same number of
-pre-classified calls spread over all the agents (best of several repeats, the collector off, as timeit does).
+pre-classified calls spread over all the agents (the sizes interleaved round after round, each keeping its best
+pass, the collector off, as timeit does).
 Parsing and classification happen once, beforehand: what is timed is the lookup of the agent and its decision.
 
 Held calls: the gateway runs as `python -m gateway serve` (a process of its own, so its memory is its own) on the
@@ -152,54 +153,60 @@ def run_decisions(policy: Policy, calls: Sequence[Prepared]) -> Counter[str]:
     return tally
 
 
-def time_decisions(policy: Policy, calls: Sequence[Prepared], repeats: int) -> float:
-    """Best seconds for one pass over `calls`, the collector off during each pass (as timeit does)."""
+def time_pass(policy: Policy, calls: Sequence[Prepared]) -> float:
+    """Seconds for one pass over `calls`, the collector off during the pass (as timeit does)."""
     agents = policy.agents
-    best = float("inf")
-    for _ in range(repeats):
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            started = time.perf_counter()
-            for agent, actions, incoming in calls:
-                decide_each(policy, agents[agent], actions, incoming)
-            best = min(best, time.perf_counter() - started)
-        finally:
-            if enabled:
-                gc.enable()
-    return best
-
-
-def measure_decisions(agents: int, calls: int, repeats: int, active: Sequence[int] = ()) -> list[DecisionResult]:
-    """One rule set of `agents`, timed with the calls spread over all of them, then over each of `active`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_agents(Path(tmp), agents)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
         started = time.perf_counter()
-        ruleset = load_rules(tmp, PlaceholderEnv())
-        loaded = time.perf_counter()
-        policy = compile_policy(ruleset)
-        compiled = time.perf_counter()
-    rules = sum(len(a.rules) for a in policy.agents.values())
-    results = []
-    for spread in (agents, *(a for a in active if a < agents)):
-        prepared = prepared_calls(policy, spread, calls)
-        outcomes = run_decisions(policy, prepared)  # warm-up, and a check that every kind of decision occurs
-        best = time_decisions(policy, prepared, repeats)
-        results.append(DecisionResult(agents, spread, rules, round(loaded - started, 2), round(compiled - loaded, 2),
-                                      calls, round(best / calls * 1e6, 3), dict(sorted(outcomes.items()))))
-    return results
+        for agent, actions, incoming in calls:
+            decide_each(policy, agents[agent], actions, incoming)
+        return time.perf_counter() - started
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@dataclass
+class _Measured:
+    result: DecisionResult
+    policy: Policy
+    calls: list[Prepared]
+    best: float = float("inf")
 
 
 def decision_scaling(counts: Sequence[int], calls: int, repeats: int) -> list[DecisionResult]:
     """Each size with calls over all its agents; the largest also with calls over only as many agents as the
-    smallest has (the same working set in a bigger rule set: what the number of agents alone costs)."""
-    results: list[DecisionResult] = []
+    smallest has (the same working set in a bigger rule set: what the number of agents alone costs).
+
+    Every rule set is loaded and compiled first; then each (size, spread) is timed once per round, round after
+    round, and keeps its best pass. A virtual machine has slow spells lasting seconds: timed in blocks, one size
+    could fall in a spell and another not; interleaved, every size meets the fast moments alike."""
+    measured: list[_Measured] = []
     for count in counts:
-        measured = measure_decisions(count, calls, repeats, active=(counts[0],) if count == counts[-1] else ())
-        for r in measured:
-            print(f"  {count} agents, calls over {r.active}: {r.us_per_decision:.2f} us per decision",
-                  file=sys.stderr, flush=True)
-        results += measured
+        with tempfile.TemporaryDirectory() as tmp:
+            write_agents(Path(tmp), count)
+            started = time.perf_counter()
+            ruleset = load_rules(tmp, PlaceholderEnv())
+            loaded = time.perf_counter()
+            policy = compile_policy(ruleset)
+            compiled = time.perf_counter()
+        rules = sum(len(a.rules) for a in policy.agents.values())
+        for spread in (count, *((counts[0],) if count == counts[-1] and counts[0] < count else ())):
+            prepared = prepared_calls(policy, spread, calls)
+            outcomes = run_decisions(policy, prepared)  # warm-up, and a check that every kind of decision occurs
+            measured.append(_Measured(DecisionResult(count, spread, rules, round(loaded - started, 2),
+                                                     round(compiled - loaded, 2), calls, 0.0,
+                                                     dict(sorted(outcomes.items()))), policy, prepared))
+        print(f"  {count} agents loaded and compiled", file=sys.stderr, flush=True)
+    for _ in range(repeats):
+        for m in measured:
+            m.best = min(m.best, time_pass(m.policy, m.calls))
+    results = []
+    for m in measured:
+        m.result.us_per_decision = round(m.best / calls * 1e6, 3)
+        results.append(m.result)
     base = results[0].us_per_decision
     for result in results:
         result.ratio = round(result.us_per_decision / base, 3)
@@ -420,7 +427,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", default="10,1000,10000", help="comma-separated rule-set sizes, smallest first")
     parser.add_argument("--calls", type=int, default=20_000, help="pre-classified calls per timed pass")
-    parser.add_argument("--repeats", type=int, default=7, help="timed passes; the best counts")
+    parser.add_argument("--repeats", type=int, default=25,
+                        help="rounds; each times every size once, and each size keeps its best pass")
     parser.add_argument("--held", type=int, default=10_000, help="calls held at once")
     parser.add_argument("--only", choices=("decisions", "held"))
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU (the gateway it starts too)")
@@ -434,7 +442,7 @@ def main() -> int:
         counts = sorted(int(n) for n in args.agents.split(",") if n)
         results = decision_scaling(counts, args.calls, args.repeats)
         print(decisions_table(results))
-        print(f"\n{args.calls} calls per pass over all agents, best of {args.repeats} passes\n")
+        print(f"\n{args.calls} calls per pass over all agents, best of {args.repeats} interleaved passes\n")
         report["decisions"] = {"calls": args.calls, "repeats": args.repeats, "results": [asdict(r) for r in results]}
     if args.only in (None, "held"):
         held = uvloop.run(held_calls(args.held))
