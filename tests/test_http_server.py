@@ -123,6 +123,24 @@ def forever() -> Awaitable[bool]:
     return asyncio.Event().wait()
 
 
+@dataclass
+class Stuck:
+    """A handler that never answers: `started` once it runs, `cancelled` once it is cancelled."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Future[BaseException] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    async def handler(self, request: Request) -> Response:
+        self.started.set()
+        try:
+            await forever()
+        except asyncio.CancelledError as exc:
+            self.cancelled.set_result(exc)
+            raise
+        return Response(200)
+
+
 # -- keep-alive and pipelining -------------------------------------------------------------------------------------
 
 
@@ -583,24 +601,13 @@ async def test_response_header_with_a_line_break_is_never_sent(how: str, value: 
 
 
 async def test_handler_is_cancelled_when_the_client_hangs_up() -> None:
-    started = asyncio.Event()
-    cancelled = asyncio.get_running_loop().create_future()
-
-    async def handler(request: Request) -> Response:
-        started.set()
-        try:
-            await forever()
-        except asyncio.CancelledError as exc:
-            cancelled.set_result(exc)
-            raise
-        return Response(200)
-
-    async with serving(handler) as served:
+    stuck = Stuck()
+    async with serving(stuck.handler) as served:
         client = await served.connect()
         client.send(raw())
-        await within(started.wait())
+        await within(stuck.started.wait())
         await client.close()
-        assert isinstance(await within(cancelled), asyncio.CancelledError)
+        assert isinstance(await within(stuck.cancelled), asyncio.CancelledError)
 
 
 @pytest.mark.parametrize("how", ["send", "write"])
@@ -705,10 +712,16 @@ async def test_idle_connection_is_closed_after_the_idle_timeout() -> None:
         assert await client.rest() == b""  # closed without a request from us
 
 
-async def test_stalled_body_is_cut_by_the_idle_timeout_and_read_fails() -> None:
+@pytest.mark.parametrize("busy_first", [False, True], ids=["reading at once", "busy first"])
+async def test_stalled_body_is_cut_by_the_idle_timeout_and_read_fails(busy_first: bool) -> None:
+    """Busy first: the idle timer skips a busy handler and is not re-armed then, so reading a body must re-arm it."""
+    started, go = asyncio.Event(), asyncio.Event()
     failed = asyncio.get_running_loop().create_future()
 
     async def handler(request: Request) -> Response:
+        started.set()
+        if busy_first:
+            await go.wait()
         try:
             await request.read()
         except BaseException as exc:
@@ -719,32 +732,11 @@ async def test_stalled_body_is_cut_by_the_idle_timeout_and_read_fails() -> None:
     async with serving(handler, idle_timeout=IDLE) as served:
         client = await served.connect()
         client.send(raw("POST", "/", [("Content-Length", "10")], b"abc"))  # and never the other 7 bytes
-        assert isinstance(await within(failed), asyncio.CancelledError | ClientGone)
-        assert await client.rest() == b""
-
-
-async def test_stalled_body_is_cut_by_the_idle_timeout_after_the_handler_was_busy() -> None:
-    """The idle timer skips a busy handler and is not re-armed then: reading a body must re-arm it."""
-    started, go = asyncio.Event(), asyncio.Event()
-    failed = asyncio.get_running_loop().create_future()
-
-    async def handler(request: Request) -> Response:
-        started.set()
-        await go.wait()
-        try:
-            await request.read()
-        except BaseException as exc:
-            failed.set_result(exc)
-            raise
-        return Response(200)
-
-    async with serving(handler, idle_timeout=IDLE) as served:
-        client = await served.connect()
-        client.send(raw("POST", "/", [("Content-Length", "10")], b"abc"))
-        await within(started.wait())
-        clock = await served.connect()
-        assert await clock.rest() == b""  # an idle timeout has passed: the check skipped the busy handler
-        go.set()
+        if busy_first:
+            await within(started.wait())
+            clock = await served.connect()
+            assert await clock.rest() == b""  # an idle timeout has passed: the check skipped the busy handler
+            go.set()
         assert isinstance(await within(failed), asyncio.CancelledError | ClientGone)
         assert await client.rest() == b""
 
@@ -842,24 +834,13 @@ async def test_drain_delivers_a_large_answer_whole() -> None:
 
 
 async def test_drain_cancels_a_handler_that_outlasts_the_timeout() -> None:
-    started = asyncio.Event()
-    cancelled = asyncio.get_running_loop().create_future()
-
-    async def handler(request: Request) -> Response:
-        started.set()
-        try:
-            await forever()
-        except asyncio.CancelledError as exc:
-            cancelled.set_result(exc)
-            raise
-        return Response(200)
-
-    async with serving(handler) as served:
+    stuck = Stuck()
+    async with serving(stuck.handler) as served:
         client = await served.connect()
         client.send(raw())
-        await within(started.wait())
+        await within(stuck.started.wait())
         await within(served.server.close(0.05))
-        assert cancelled.done()
+        assert stuck.cancelled.done()
         assert await client.rest() == b""  # no answer, the connection cut
 
 

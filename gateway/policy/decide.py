@@ -9,11 +9,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from ..incoming import Incoming
-from ..models import Action, Decision
+from ..models import Action, Decision, Outcome
 from .compile import AgentPolicy, Policy, Step
 from .conditions import MISSING, Path, walk
 
 AUDIT_RULE = "mode:audit"
+DENY: Outcome = "deny"
+HOLD: Outcome = "hold"
+_DEFAULT_REASONS = {DENY: "denied by rule", HOLD: "held for approval by rule"}
 DEFAULT_RULE = "default"
 PLUMBING_RULE = "mcp:session"
 
@@ -90,30 +93,21 @@ def decide(policy: Policy, agent: AgentPolicy, action: Action, request: Incoming
     ids = agent.rule_ids
     facts = Facts(agent, action, request)
     staged: _Staged | None = None  # made when the first staged rule matches
-    for step in deny:
-        hit, evidence, note = _matches(step, facts, errors_match=True)
-        if not hit:
-            continue
-        rule_id = ids[step.position]
-        if step.enforce != "enforce":
-            staged = staged or _Staged()
-            staged.record(step.enforce, rule_id, "deny")
-            continue
-        reason = step.reason or f"denied by rule {rule_id}"
-        return _with(staged, Decision("deny", rule_id, policy.version, mode,
-                                      f"{reason}; {note}" if note else reason, evidence))
-    for step in hold:
-        hit, evidence, note = _matches(step, facts, errors_match=True)
-        if not hit:
-            continue
-        rule_id = ids[step.position]
-        if step.enforce != "enforce":
-            staged = staged or _Staged()
-            staged.record(step.enforce, rule_id, "hold")
-            continue
-        reason = step.reason or f"held for approval by rule {rule_id}"
-        return _with(staged, Decision("hold", rule_id, policy.version, mode, f"{reason}; {note}" if note else reason,
-                                      evidence, timeout=step.timeout or policy.default_hold_timeout))
+    for effect, steps in ((DENY, deny), (HOLD, hold)):  # a matching deny or hold rule decides (errors match too)
+        for step in steps:
+            hit, evidence, note = _matches(step, facts, errors_match=True)
+            if not hit:
+                continue
+            rule_id = ids[step.position]
+            if step.enforce != "enforce":
+                staged = staged or _Staged()
+                staged.record(step.enforce, rule_id, effect)
+                continue
+            reason = step.reason or f"{_DEFAULT_REASONS[effect]} {rule_id}"
+            return _with(staged, Decision(effect, rule_id, policy.version, mode,
+                                          f"{reason}; {note}" if note else reason, evidence,
+                                          timeout=step.timeout or policy.default_hold_timeout if effect == HOLD
+                                          else None))
     for step in allow:
         hit, evidence, _ = _matches(step, facts, errors_match=False)
         if hit:
