@@ -423,6 +423,8 @@ class _Connection(asyncio.Protocol):
     def _done(self, request: Request) -> None:
         self._task = None
         self._request = None
+        if self.transport is None:  # the agent is gone: nothing queued behind this request is answered
+            return
         if not request.responded or not request.keep_alive or self.server.draining:
             self.close()
             return

@@ -833,6 +833,31 @@ async def test_drain_delivers_a_large_answer_whole() -> None:
         await within(draining)
 
 
+async def test_requests_queued_behind_a_gone_client_are_not_handled() -> None:
+    """A handler that answers, then outlives its client's hang-up (as the relay does while a settlement on a
+    cluster finishes: it swallows the cancellation) ends the connection's work: the request pipelined behind it
+    is never handed to a handler."""
+    started, done = asyncio.Event(), asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(request: Request) -> None:
+        handled.append(request.raw_path)
+        request.send(Response(200, b"answered"))
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await forever()
+        done.set()
+
+    async with serving(handler) as served:
+        client = await served.connect()
+        client.send(raw("GET", "/first") + raw("GET", "/second"))
+        await within(started.wait())
+        await client.close()
+        await within(done.wait())
+        await within(served.server.close(1.0))  # would wait for, or cancel, a second handler
+        assert handled == ["/first"]
+
+
 async def test_drain_cancels_a_handler_that_outlasts_the_timeout() -> None:
     stuck = Stuck()
     async with serving(stuck.handler) as served:
