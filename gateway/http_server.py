@@ -37,7 +37,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodyTooLarge(Exception):
-    """The request body is (or declared itself) over the server's limit."""
+    """The request body is (or declared itself) over the server's limit, `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is over the {limit}-byte limit")
+        self.limit = limit
 
 
 class BodyMalformed(Exception):
@@ -61,10 +65,10 @@ class Response:
 
 Headers = list[tuple[str, str]] | tuple[tuple[str, str], ...] | CIMultiDict[str] | dict[str, str]
 Handler = Callable[["Request"], Awaitable[Response | None]]
-BadRequestHook = Callable[[str, asyncio.BaseTransport], Response]  # an unparseable request's answer (a 400)
+BadRequestHook = Callable[[str], Response]  # the answer (a 400) to a request that cannot be parsed, given why
 
 
-class _Dates:
+class Dates:
     """The Date header, formatted once a second."""
 
     __slots__ = ("_second", "_value")
@@ -81,16 +85,13 @@ class _Dates:
         return self._value
 
 
-_DATES = _Dates()
-
-
 class Request:
     """One request on the agents' port: method, raw target and headers as sent, the body once it is in, and the
     ways to answer it (whole with `Response`, or `start`/`write`/`finish` for a stream)."""
 
     __slots__ = ("_bodiless", "_body", "_broken", "_chunks", "_conn", "_continue", "_size", "_started", "_waiter",
-                 "complete", "content_length", "headers", "keep_alive", "method", "raw_path", "responded", "settling",
-                 "too_large", "version")
+                 "complete", "headers", "keep_alive", "method", "raw_path", "responded", "settling", "too_large",
+                 "version")
 
     def __init__(self, conn: _Connection, method: str, raw_path: str, headers: CIMultiDictProxy[str], version: str,
                  keep_alive: bool) -> None:
@@ -100,10 +101,9 @@ class Request:
         self.headers = headers
         self.version = version  # "1.1" or "1.0"
         self.keep_alive = keep_alive
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None else None  # llhttp accepted only digits
+        length = headers.get("Content-Length")  # llhttp accepted only digits, and only one
         self.complete = False
-        self.too_large = self.content_length is not None and self.content_length > conn.server.max_body
+        self.too_large = length is not None and int(length) > conn.server.max_body
         self._continue = not self.too_large and headers.get("Expect", "").lower() == "100-continue"
         self._chunks: list[bytes] = []
         self._size = 0
@@ -124,7 +124,7 @@ class Request:
         when its framing breaks."""
         while True:
             if self.too_large:
-                raise BodyTooLarge()
+                raise BodyTooLarge(self._conn.server.max_body)
             if self._broken is not None:
                 raise BodyMalformed(self._broken)
             if self.complete:
@@ -182,7 +182,7 @@ class Request:
         if self.method == "HEAD" or response.status in _NO_BODY:
             body = b""
         elif chunked:
-            body = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)) if body else b"0\r\n\r\n"
+            body = _last_chunk(body)
         conn.write(head + body)
 
     def start(self, status: int, reason: str | None, headers: Headers, length: int | None) -> None:
@@ -213,7 +213,7 @@ class Request:
         if self._bodiless:
             return
         if conn.chunked:
-            conn.write((b"%x\r\n%b\r\n0\r\n\r\n" % (len(last), last)) if last else b"0\r\n\r\n")
+            conn.write(_last_chunk(last))
         elif last:
             conn.write(last)
 
@@ -241,7 +241,12 @@ class Request:
         # Header values come from upstream answers and the rules: none may end a line early or smuggle a header.
         if text.count("\n") != len(lines) or text.count("\r") != len(lines):
             raise ValueError("a response header holds a line break")
-        return b"%bDate: %b\r\n\r\n" % (text.encode("utf-8", "surrogateescape"), _DATES.now())
+        return b"%bDate: %b\r\n\r\n" % (text.encode("utf-8", "surrogateescape"), conn.server.dates.now())
+
+
+def _last_chunk(data: bytes) -> bytes:
+    """`data` as the last chunk of a chunked body, with the end."""
+    return b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
 
 
 class _Connection(asyncio.Protocol):
@@ -459,10 +464,9 @@ class _Connection(asyncio.Protocol):
 
     def _send_refusal(self, message: str) -> None:
         self._refusal = None
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return
-        response = self.server.on_bad_request(message, transport)
+        response = self.server.on_bad_request(message)
         request = Request(self, "GET", "", CIMultiDictProxy(CIMultiDict()), "1.1", False)
         request.complete = True
         request.send(response)
@@ -539,6 +543,7 @@ class AgentServer:
         self.handler = handler
         self.on_bad_request = on_bad_request
         self.max_body = max_body
+        self.dates = Dates()
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
         self.connections: set[_Connection] = set()

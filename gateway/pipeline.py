@@ -75,7 +75,7 @@ async def handle(request: Request, rt: Runtime) -> Response | None:
         for header in METHOD_OVERRIDE_HEADERS:
             if header in request.headers:
                 raise bad_request(f"method-override header {header!r} is refused")
-        body = await read_body(request, rt.settings.max_body)
+        body = await read_body(request)
         incoming = Incoming(request.method, subpath, query, request.headers, body)
         classified = classify(upstream.spec, upstream.routes, incoming)
         agent_policy = policy.agents.get(agent.id)
@@ -134,20 +134,20 @@ async def handle(request: Request, rt: Runtime) -> Response | None:
             rt.sink.emit(event)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused past `limit` (the server's) whether or not it declared a length (chunked included)."""
+async def read_body(request: Request) -> bytes:
+    """The whole body, refused past the server's limit (`--max-body`) whether or not it declared a length."""
     try:
         return await request.read()
-    except BodyTooLarge:
-        raise GatewayError("payload_too_large", f"request body is over the {limit}-byte limit") from None
+    except BodyTooLarge as exc:
+        raise GatewayError("payload_too_large", str(exc)) from None
     except BodyMalformed as exc:
         raise bad_request(f"request body is malformed: {exc}") from None
 
 
-def refuse_unparsed(rt: Runtime) -> Callable[[str, asyncio.BaseTransport], Response]:
+def refuse_unparsed(rt: Runtime) -> Callable[[str], Response]:
     """The answer to a request the server could not parse (malformed HTTP, an oversized head): a `bad_request`
     in the OpenAI-style shape (its upstream is unknown), written to the trace like every other refusal."""
-    def refuse(message: str, _transport: asyncio.BaseTransport) -> Response:
+    def refuse(message: str) -> Response:
         event = TraceEvent(trace_id=new_trace_id(), span_id=new_span_id(), method=None)
         event.policy_version = rt.policy.version
         error = bad_request(message)

@@ -47,7 +47,7 @@ async def serving(handler: Handler, max_body: int = MAX_BODY,
                   idle_timeout: float = http_server.IDLE_TIMEOUT) -> AsyncIterator[Served]:
     refusals: list[str] = []
 
-    def on_bad_request(message: str, _transport: asyncio.BaseTransport) -> Response:
+    def on_bad_request(message: str) -> Response:
         refusals.append(message)
         return Response(400, b"refused: " + message.encode(), [("Content-Type", "text/plain")])
 

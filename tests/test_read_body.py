@@ -28,12 +28,12 @@ async def reading(limit: int = LIMIT) -> AsyncIterator[tuple[int, asyncio.Event,
     async def handler(request: Request) -> Response:
         started.set()
         try:
-            got.append(await read_body(request, limit))
+            got.append(await read_body(request))
         except GatewayError as exc:
             got.append(exc)
         return Response(200)
 
-    def unparsed(message: str, _transport: asyncio.BaseTransport) -> Response:
+    def unparsed(message: str) -> Response:
         raise AssertionError(message)
 
     server = AgentServer(handler, unparsed, limit)
