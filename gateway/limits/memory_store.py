@@ -96,7 +96,7 @@ class MemoryStore:
             cell = cells.get(rate.key)
             tat = cell[0] if cell is not None and cell[1] > now and cell[0] > now else now
             period = rate.period
-            new_tat = tat + (rate.per_call + rate.per_input * spent + rate.per_output * output) * period / rate.limit
+            new_tat = tat + (rate.per_call + rate.per_input * spent + rate.per_output * output) * (period / rate.limit)
             if new_tat - now > period:
                 retry = new_tat - now - period
                 detail = "loop_detected" if rate.kind == "loop" else None

@@ -37,63 +37,69 @@ from .store import (
 T = TypeVar("T")
 _Queued = tuple[str, list[str], list[str | int | float], "asyncio.Future[Any]"]  # script, keys, args, reply
 
-# Numbers cross into Lua as decimal strings and come back as strings too: Redis truncates a Lua number in a reply
-# to an integer, and `%.17g` round-trips a double exactly (budgets are whole nano-dollars, exact below 2^53).
-# The scripts are written for what redis-server spends on them, as measured (instructions per call):
+# Numbers cross into Lua as decimal strings. A GCRA cell's time is stored as `%.17g`, which round-trips a double
+# exactly, and a refusal's retry time comes back as that text too (Redis truncates a Lua number in a reply to an
+# integer). A budget total is a whole number (tokens or nano-dollars, exact below 2^53): stored as `%d`, which
+# skips float formatting, and replied as a number, which arrives as an integer.
+# The scripts are written for what redis-server spends on them, as measured (instructions per call, callgrind):
+# - every argument costs (Redis interns each as a Lua string, and arithmetic parses it), so the gateway sends
+#   what it can compute exactly itself: a rate's fixed cost and interval, a budget's input charge, an alert's
+#   level, a settlement's shift of a GCRA cell; and a refusal's retry time is the gateway's to compute;
 # - a string becomes a number by arithmetic (`ARGV[i] * 1`), as `tonumber` would but parsed once, where
 #   `tonumber` parses it twice (Lua 5.1 checks, then converts); and each value is parsed once;
-# - `a > b and a or b` is exactly `math.max(b, a)` (also for NaN and -0) without a C call;
 # - TTLs known in advance come as PX milliseconds (`_px`), so Lua neither computes nor formats them;
+# - the reservation marker is set first, only if absent (SET NX), which is also the retry check: one call;
+# - an alert counter is read only when a threshold is crossed;
 # - string.format only where text is needed (what is stored, and what the reply carries as text), once each;
 # - no table or closure that is not needed. Reads stay one GET per key, where it is needed: one MGET of every
 #   key up front saved only ~2%, and it would read keys that a refusal or an unchanged counter never needs.
 
 # KEYS: budget keys (nb), rate keys (nr, as many as the rest of KEYS), marker.
-# ARGV: now, input, output, min_output ('' when clamping is off), marker px, nb,
-#       then per budget: limit, per_input, per_output, resets_at, px; then per rate: limit, period, per_call,
-#       per_input, per_output.
-# Reply: {'budget', index, retry_after} | {'rate', index, retry_after} | {'ok', output, used..., remaining...}.
+# ARGV: now, output, min_output ('' when clamping is off), marker px, nb,
+#       then per budget: limit, per_output, px, charge for the input (per_input * input);
+#       then per rate: period, interval (period / limit), per_output, base cost (per_call + per_input * input).
+# Reply: {'budget', index} | {'rate', index, retry_after} | {'ok', output, used..., remaining...}.
 # The marker's value is the granted output, so a retried reserve can report it again.
 RESERVE = """
 local call, fmt, floor, ceil = redis.call, string.format, math.floor, math.ceil
-local now, input, output = ARGV[1] * 1, ARGV[2] * 1, ARGV[3] * 1
-local nb = ARGV[6] * 1
+local now, output = ARGV[1] * 1, ARGV[2] * 1
+local nb = ARGV[5] * 1
 local nr = #KEYS - nb - 1
-local r0 = 6 + 5 * nb
+local r0 = 2 + 4 * nb
+local marker = KEYS[nb + nr + 1]
 -- 0. Already reserved? Then this is a retry whose first reply was lost: report it again, charge nothing.
-local marked = call('GET', KEYS[nb + nr + 1])
-if marked then
-  local reply = {'ok', marked * 1}
-  for i = 1, nb do reply[2 + i] = fmt('%.17g', (call('GET', KEYS[i]) or 0) * 1) end
+if not call('SET', marker, ARGV[2], 'NX', 'PX', ARGV[4]) then
+  local reply = {'ok', call('GET', marker) * 1}
+  for i = 1, nb do reply[2 + i] = (call('GET', KEYS[i]) or 0) * 1 end
   for j = 1, nr do
-    local a = r0 + 5 * (j - 1)
-    local period = ARGV[a + 2] * 1
+    local a = r0 + 4 * j
+    local period, interval = ARGV[a] * 1, ARGV[a + 1] * 1
     local tat = (call('GET', KEYS[nb + j]) or now) * 1
     if now > tat then tat = now end
-    local left = floor((period - (tat - now)) / (period / ARGV[a + 1]) + 1e-9)
+    local left = floor((period - (tat - now)) / interval + 1e-9)
     reply[2 + nb + j] = left > 0 and left or 0
   end
   return reply
 end
--- 1. Budgets fix how many output tokens can be granted (clamping), or refuse.
-local granted = ARGV[3]  -- the marker's value: the caller's own text unless clamped
-local held, per_outputs = {}, {}  -- per budget: used + its input's cost, and the price of an output token
+-- 1. Budgets fix how many output tokens can be granted (clamping), or refuse (and take the marker back).
+local clamped = false
+local held, per_outputs = {}, {}  -- per budget: used + its input's charge, and the price of an output token
 for i = 1, nb do
-  local a = 1 + 5 * i
-  local used, charged, per_output = (call('GET', KEYS[i]) or 0) * 1, ARGV[a + 2] * input, ARGV[a + 3] * 1
-  local room = ARGV[a + 1] - used - charged
+  local a = 2 + 4 * i
+  local used, charged, per_output = (call('GET', KEYS[i]) or 0) * 1, ARGV[a + 3] * 1, ARGV[a + 1] * 1
+  local room = ARGV[a] - used - charged
   if room < 0 then
-    local retry = ARGV[a + 4] - now
-    return {'budget', i, fmt('%.17g', retry > 0 and retry or 0)}
+    call('DEL', marker)
+    return {'budget', i}
   end
   if per_output > 0 then
     local affordable = floor(room / per_output)
     if affordable < output then
-      if ARGV[4] ~= '' and affordable >= ARGV[4] * 1 then
-        output, granted = affordable, affordable
+      if ARGV[3] ~= '' and affordable >= ARGV[3] * 1 then
+        output, clamped = affordable, true
       else
-        local retry = ARGV[a + 4] - now
-        return {'budget', i, fmt('%.17g', retry > 0 and retry or 0)}
+        call('DEL', marker)
+        return {'budget', i}
       end
     end
   end
@@ -102,22 +108,24 @@ end
 -- 2. Rate counters: GCRA, all checked before any is charged.
 local new_tats, lefts = {}, {}
 for j = 1, nr do
-  local a = r0 + 5 * (j - 1)
-  local period = ARGV[a + 2] * 1
-  local interval = period / ARGV[a + 1]
-  local cost = ARGV[a + 3] + ARGV[a + 4] * input + ARGV[a + 5] * output
+  local a = r0 + 4 * j
+  local period, interval = ARGV[a] * 1, ARGV[a + 1] * 1
+  local cost = ARGV[a + 3] + ARGV[a + 2] * output
   local tat = (call('GET', KEYS[nb + j]) or now) * 1
   if now > tat then tat = now end
   local new_tat = tat + cost * interval
-  if new_tat - now > period then return {'rate', j, fmt('%.17g', new_tat - now - period)} end
+  if new_tat - now > period then
+    call('DEL', marker)
+    return {'rate', j, fmt('%.17g', new_tat - now - period)}
+  end
   local left = floor((period - (new_tat - now)) / interval + 1e-9)
   new_tats[j], lefts[j] = new_tat, left > 0 and left or 0
 end
--- 3. Admitted: charge everything, then set the marker that lets settle apply once.
+-- 3. Admitted: charge everything (the marker already says what was granted, unless a budget clamped it).
 local reply = {'ok', output}
 for i = 1, nb do
-  local total = fmt('%.17g', held[i] + per_outputs[i] * output)
-  call('SET', KEYS[i], total, 'PX', ARGV[6 + 5 * i])
+  local total = held[i] + per_outputs[i] * output
+  call('SET', KEYS[i], fmt('%d', total), 'PX', ARGV[4 + 4 * i])
   reply[2 + i] = total
 end
 for j = 1, nr do
@@ -126,13 +134,14 @@ for j = 1, nr do
   call('SET', KEYS[nb + j], fmt('%.17g', new_tat), 'PX', px > 1 and px or 1)
   reply[2 + nb + j] = lefts[j]
 end
-call('SET', KEYS[nb + nr + 1], granted, 'PX', ARGV[5])
+if clamped then call('SET', marker, output, 'PX', ARGV[4]) end
 return reply
 """
 
-# KEYS: marker, budget keys (nb), alert keys (nb), rate keys (nr, as many as the rest of KEYS; the caller may
-#       leave out those whose delta is 0, which change nothing).
-# ARGV: now, nb, then per budget: delta, limit, px, n, n thresholds; then per rate: delta, period, limit.
+# KEYS: marker, budget keys (nb), alert keys (nb), rate keys (nr, as many as the rest of KEYS: only those whose
+#       cost changed, as the others have nothing to settle).
+# ARGV: now, nb, then per budget: delta, px, n, n alert levels (threshold * limit); then per rate: its cell's shift
+#       (delta * period / limit).
 # Reply: {applied (0|1), used..., then (budget index, threshold index) pairs of the alerts that fired}.
 SETTLE = """
 local call, fmt, ceil = redis.call, string.format, math.ceil
@@ -140,45 +149,48 @@ local nb = ARGV[2] * 1
 local nr = #KEYS - 2 * nb - 1
 if call('DEL', KEYS[1]) == 0 then  -- already settled, or never reserved
   local reply = {0}
-  for i = 1, nb do reply[1 + i] = fmt('%.17g', (call('GET', KEYS[1 + i]) or 0) * 1) end
+  for i = 1, nb do reply[1 + i] = (call('GET', KEYS[1 + i]) or 0) * 1 end
   return reply
 end
 local reply = {1}
 local alerts
 local a = 2
 for i = 1, nb do
-  local n = ARGV[a + 4] * 1
+  local n = ARGV[a + 3] * 1
   local total = (call('GET', KEYS[1 + i]) or 0) + ARGV[a + 1]
-  local text = fmt('%.17g', total)
-  call('SET', KEYS[1 + i], text, 'PX', ARGV[a + 3])
-  reply[1 + i] = text
-  if n > 0 then
-    -- Thresholds crossed beyond the first `fired` (how many already fired) fire now.
-    local limit, fired, crossed = ARGV[a + 2] * 1, (call('GET', KEYS[1 + nb + i]) or 0) * 1, 0
-    for t = 1, n do
-      if total >= ARGV[a + 4 + t] * limit then
-        crossed = crossed + 1
-        if crossed > fired then
-          alerts = alerts or {}
-          alerts[#alerts + 1] = i - 1
-          alerts[#alerts + 1] = t - 1
+  call('SET', KEYS[1 + i], fmt('%d', total), 'PX', ARGV[a + 2])
+  reply[1 + i] = total
+  local crossed = 0
+  for t = 1, n do
+    if total >= ARGV[a + 3 + t] * 1 then crossed = crossed + 1 end
+  end
+  if crossed > 0 then  -- how many already fired is read only when one may fire now
+    local fired = (call('GET', KEYS[1 + nb + i]) or 0) * 1
+    if crossed > fired then  -- thresholds crossed beyond the first `fired` fire now
+      local count = 0
+      for t = 1, n do
+        if total >= ARGV[a + 3 + t] * 1 then
+          count = count + 1
+          if count > fired then
+            alerts = alerts or {}
+            alerts[#alerts + 1] = i - 1
+            alerts[#alerts + 1] = t - 1
+          end
         end
       end
+      call('SET', KEYS[1 + nb + i], crossed, 'PX', ARGV[a + 2])
     end
-    if crossed > fired then call('SET', KEYS[1 + nb + i], crossed, 'PX', ARGV[a + 3]) end
   end
-  a = a + 4 + n
+  a = a + 3 + n
 end
 for j = 1, nr do
-  local delta = ARGV[a + 1] * 1
-  local tat = delta ~= 0 and call('GET', KEYS[1 + 2 * nb + j])
+  local tat = call('GET', KEYS[1 + 2 * nb + j])
   if tat then
     local now = ARGV[1] * 1
-    local new_tat = tat + delta * ARGV[a + 2] / ARGV[a + 3]
+    local new_tat = tat + ARGV[a + j]
     local px = ceil(((now > new_tat and now or new_tat) + 1 - now) * 1000)
     call('SET', KEYS[1 + 2 * nb + j], fmt('%.17g', new_tat), 'PX', px > 1 and px or 1)
   end
-  a = a + 3
 end
 if alerts then
   for k = 1, #alerts do reply[1 + nb + k] = alerts[k] end
@@ -312,15 +324,14 @@ class RedisStore:
             reply = await self._script("reserve", self._wire.reserve(plan))
         else:
             reply = await self._batched("reserve", *reserve_arguments(plan))
-        if reply[0] == "budget":
-            return Refusal("budget_exceeded", plan.budgets[int(reply[1]) - 1].id, float(reply[2]))
+        if reply[0] == "budget":  # retry when the window resets: the memory store's arithmetic, exactly
+            budget = plan.budgets[int(reply[1]) - 1]
+            return Refusal("budget_exceeded", budget.id, max(0.0, budget.resets_at - plan.now))
         if reply[0] == "rate":
             rate = plan.rates[int(reply[1]) - 1]
             return Refusal("rate_limited", rate.id, float(reply[2]), "loop_detected" if rate.kind == "loop" else None)
-        nb = len(plan.budgets)
-        used = tuple(_integer(v) for v in reply[2:2 + nb])
-        remaining = tuple(int(v) for v in reply[2 + nb:])
-        return Reservation(plan, int(reply[1]), used, remaining)
+        nb = len(plan.budgets)  # every number in the reply an integer
+        return Reservation(plan, reply[1], tuple(reply[2:2 + nb]), tuple(reply[2 + nb:]))
 
     async def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int) -> Settlement:
         plan = reservation.plan
@@ -331,12 +342,10 @@ class RedisStore:
         else:
             reply = await self._batched("settle", *settle_arguments(reservation, input_tokens, output_tokens,
                                                                     self._clock()))
-        nb = len(plan.budgets)
-        used = tuple(_integer(v) for v in reply[1:1 + nb])
+        nb = len(plan.budgets)  # every number in the reply an integer
         pairs = reply[1 + nb:]
-        alerts = tuple((int(i), plan.budgets[int(i)].alert_at[int(t)]) for i, t in zip(pairs[::2], pairs[1::2],
-                                                                                        strict=True))
-        return Settlement(used, alerts, applied=bool(int(reply[0])))
+        alerts = tuple((i, plan.budgets[i].alert_at[t]) for i, t in zip(pairs[::2], pairs[1::2], strict=True))
+        return Settlement(tuple(reply[1:1 + nb]), alerts, applied=reply[0] == 1)
 
     async def peek(self, rates: tuple[RateCounter, ...], budgets: tuple[BudgetCounter, ...],
                    now: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -385,15 +394,17 @@ def _as_store_failure(reply: Any) -> Any:
 
 
 def reserve_arguments(plan: Plan) -> tuple[list[str], list[str | int | float]]:
-    """The reserve script's KEYS and ARGV for `plan` (the layout the script reads; `_Wire` packs the same)."""
+    """The reserve script's KEYS and ARGV for `plan` (the layout the script reads; `_Wire` packs the same).
+
+    What the gateway computes here is exact and what the script would compute: integer costs, and a rate's
+    interval as the same one division."""
     keys = [b.key for b in plan.budgets] + [r.key for r in plan.rates] + [plan.marker]
-    args: list[str | int | float] = [plan.now, plan.input, plan.output,
-                                     "" if plan.min_output is None else plan.min_output, _px(plan.marker_ttl),
-                                     len(plan.budgets)]
+    args: list[str | int | float] = [plan.now, plan.output, "" if plan.min_output is None else plan.min_output,
+                                     _px(plan.marker_ttl), len(plan.budgets)]
     for b in plan.budgets:
-        args += [b.limit, b.per_input, b.per_output, b.resets_at, _px(b.ttl)]
+        args += [b.limit, b.per_output, _px(b.ttl), b.per_input * plan.input]
     for r in plan.rates:
-        args += [r.limit, r.period, r.per_call, r.per_input, r.per_output]
+        args += [r.period, r.period / r.limit, r.per_output, r.per_call + r.per_input * plan.input]
     return keys, args
 
 
@@ -405,12 +416,12 @@ def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens:
     args: list[str | int | float] = [now, len(plan.budgets)]
     for b in plan.budgets:
         delta = budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
-        args += [delta, b.limit, _px(b.ttl), len(b.alert_at), *b.alert_at]
+        args += [delta, _px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
     for r in plan.rates:
         delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
         if delta:  # a counter whose cost did not change has nothing to settle: not sending it saves its work
             keys.append(r.key)
-            args += [delta, r.period, r.limit]
+            args.append(delta * r.period / r.limit)
     return keys, args
 
 
@@ -446,22 +457,22 @@ class _Wire:
         self._reserve_head = b"$7\r\nEVALSHA\r\n" + _bulk(reserve_sha)
         self._settle_head = b"$7\r\nEVALSHA\r\n" + _bulk(settle_sha)
         self._parts: dict[int, tuple[object, tuple[bytes, ...]]] = {}
-        self._loops: dict[tuple[int, float], tuple[bytes, bytes]] = {}
+        self._loops: dict[tuple[int, float], tuple[bytes]] = {}
 
     def _budget(self, b: BudgetCounter) -> tuple[bytes, ...]:
-        """(key, reserve arguments, alert key, settle arguments after the delta)."""
+        """(key, reserve arguments before the input's charge, alert key, settle arguments after the delta)."""
         entry = self._parts.get(id(b))
         if entry is None or entry[0] is not b:
             if len(self._parts) >= self._LIMIT:
                 self._parts.clear()
             px = _px(b.ttl)
             entry = self._parts[id(b)] = (b, (
-                _bulk(b.key), b"".join(map(_bulk, (b.limit, b.per_input, b.per_output, b.resets_at, px))),
-                _bulk(b.alert_key), b"".join(map(_bulk, (b.limit, px, len(b.alert_at), *b.alert_at)))))
+                _bulk(b.key), b"".join(map(_bulk, (b.limit, b.per_output, px))), _bulk(b.alert_key),
+                b"".join(map(_bulk, (px, len(b.alert_at), *(t * b.limit for t in b.alert_at))))))
         return entry[1]
 
     def _rate(self, r: RateCounter) -> tuple[bytes, ...]:
-        """(key, reserve arguments, settle arguments after the delta)."""
+        """(key, reserve arguments before the base cost)."""
         entry = self._parts.get(id(r))
         if entry is None or entry[0] is not r:
             if r.kind == "loop":  # one per call, never seen again: only its fixed arguments are worth keeping
@@ -477,21 +488,25 @@ class _Wire:
         return entry[1]
 
     @staticmethod
-    def _fixed(r: RateCounter) -> tuple[bytes, bytes]:
-        return (b"".join(map(_bulk, (r.limit, r.period, r.per_call, r.per_input, r.per_output))),
-                _bulk(r.period) + _bulk(r.limit))
+    def _fixed(r: RateCounter) -> tuple[bytes]:
+        return (b"".join(map(_bulk, (r.period, r.period / r.limit, r.per_output))),)
 
     def reserve(self, plan: Plan) -> bytes:
         budgets = [self._budget(b) for b in plan.budgets]
         rates = [self._rate(r) for r in plan.rates]
         nkeys = len(budgets) + len(rates) + 1
+        spent = plan.input
+        args = []
+        for b, parts in zip(plan.budgets, budgets, strict=True):
+            args += [parts[1], _bulk_int(b.per_input * spent)]
+        for r, parts in zip(plan.rates, rates, strict=True):
+            args += [parts[1], _bulk_int(r.per_call + r.per_input * spent)]
         return b"".join((
-            b"*%d\r\n" % (3 + nkeys + 6 + 5 * len(budgets) + 5 * len(rates)), self._reserve_head, _bulk_int(nkeys),
+            b"*%d\r\n" % (3 + nkeys + 5 + 4 * len(budgets) + 4 * len(rates)), self._reserve_head, _bulk_int(nkeys),
             *(b[0] for b in budgets), *(r[0] for r in rates), _bulk(plan.marker),
-            _bulk(plan.now), _bulk_int(plan.input), _bulk_int(plan.output),
+            _bulk(plan.now), _bulk_int(plan.output),
             b"$0\r\n\r\n" if plan.min_output is None else _bulk_int(plan.min_output),
-            _bulk_int(_px(plan.marker_ttl)), _bulk_int(len(budgets)), *(b[1] for b in budgets),
-            *(r[1] for r in rates)))
+            _bulk_int(_px(plan.marker_ttl)), _bulk_int(len(budgets)), *args))
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int, now: float) -> bytes:
         plan = reservation.plan
@@ -502,15 +517,14 @@ class _Wire:
         more_input, more_output = input_tokens - plan.input, output_tokens - reservation.output
         for b, parts in zip(plan.budgets, budgets, strict=True):
             budget_args += [_bulk_int(b.per_input * more_input + b.per_output * more_output), parts[3]]
-            nargs += 4 + len(b.alert_at)
+            nargs += 3 + len(b.alert_at)
         rate_keys, rate_args = [], []
         for r in plan.rates:
             delta = r.per_input * more_input + r.per_output * more_output  # a call count never changes
             if delta:  # as settle_arguments: a counter whose cost did not change is not sent
-                parts = self._rate(r)
-                rate_keys.append(parts[0])
-                rate_args += [_bulk_int(delta), parts[2]]
-                nargs += 4
+                rate_keys.append(self._rate(r)[0])
+                rate_args.append(_bulk(delta * r.period / r.limit))
+                nargs += 2
         nkeys = 1 + 2 * len(budgets) + len(rate_keys)
         return b"".join((
             b"*%d\r\n" % (3 + 1 + nargs + 2), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
@@ -524,5 +538,5 @@ def _px(seconds: float) -> int:
 
 
 def _integer(value: str | int) -> int:
-    """A budget total as the scripts write it (`%.17g` of a whole number)."""
+    """A budget total as stored: `%d`, or `%.17g` of a whole number as earlier versions wrote it."""
     return int(float(value)) if isinstance(value, str) else value

@@ -455,3 +455,20 @@ async def test_reserve_of_the_same_plan_twice_charges_once(backend: Backend) -> 
     assert await backend.store.peek((rpm,), (daily,), NOW) == ((4,), (100,))
     settled = await backend.store.settle(first, 10, 20)
     assert (settled.applied, settled.used) == (True, (30,))
+
+
+@pytest.mark.parametrize("refusing", ["budget", "rate"])
+async def test_a_refused_reserve_leaves_no_marker_so_its_retry_is_decided_afresh(backend: Backend,
+                                                                                  refusing: str) -> None:
+    """A refusal charges nothing and marks nothing: retried once there is room, the same plan is charged for real
+    (a marker left behind would have it reported as granted, free)."""
+    daily, rpm = budget(limit=100), rate(limit=1, period=10.0, per_call=1)
+    first = await backend.admit(rates=(rpm,) if refusing == "rate" else (), budgets=(daily,), output=100)
+    retried = plan(rates=(rpm,) if refusing == "rate" else (), budgets=(daily,), output=40)
+    assert isinstance(await backend.store.reserve(retried), Refusal)
+    await backend.store.settle(first, 0, 0)  # the budget's room is back
+    backend.clock.now += 10.0  # and the rate's
+    retried.now = backend.clock.now
+    again = await backend.store.reserve(retried)
+    assert isinstance(again, Reservation) and (again.output, again.used) == (40, (40,))
+    assert (await backend.peek(budgets=(daily,)))[1] == (40,)
