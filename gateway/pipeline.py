@@ -186,9 +186,6 @@ def decide_all(policy: Policy, agent: AgentPolicy, classified: Classified, incom
 
 def fingerprint(agent: str, upstream: str, incoming: Incoming) -> str:
     """What an approval covers: this agent, upstream, method, normalised path, query and exact body."""
-    digest = hashlib.sha256()
-    for part in (agent, upstream, incoming.method, incoming.path, incoming.query):
-        digest.update(part.encode())
-        digest.update(b"\0")
-    digest.update(hashlib.sha256(incoming.body).digest())
-    return digest.hexdigest()
+    # One hash over the parts, each ended by a NUL, then the body's own hash: one update, not eleven.
+    head = f"{agent}\0{upstream}\0{incoming.method}\0{incoming.path}\0{incoming.query}\0".encode()
+    return hashlib.sha256(head + hashlib.sha256(incoming.body).digest()).hexdigest()
