@@ -1,13 +1,17 @@
 """The benchmark: gateway configurations against a bare aiohttp passthrough, measured in the same run.
 
-    python loadtests/bench.py [--duration 10] [--rounds 3] [--connections 16] [--configs a,b,...] [--json FILE]
+    python loadtests/bench.py [--duration 4] [--rounds 7] [--connections 16] [--configs a,b,...] [--json FILE]
 
-Starts a fast fake upstream, then each configuration in turn on CPU 0 while `wrk` drives load from CPU 1,
-and prints one table: requests/s, p50, p99, peak RSS, and each configuration's requests/s as a ratio to
-the passthrough and to the gateway with no limits. The configurations are measured in `--rounds` rounds
-(all of them, in order, per round): each figure is the median over the rounds, and each ratio the median of
-the ratios within a round. A virtual machine's speed drifts over minutes; interleaving exposes every
-configuration to the same drift, and ratios within a round compare measurements taken close together.
+Starts a fast fake upstream, Redis (for the Redis configuration only) and every selected configuration's server
+once, all on CPU 0, warms each, and keeps them all running to the end while `wrk` drives load from CPU 1. Then
+`--rounds` rounds: each measures every configuration in turn, in a short slice (1 s of unmeasured load on fresh
+connections, then `--duration` s measured), starting one configuration later each round so none is always
+measured first, last or at the same moment of a round. It prints one table: requests/s, p50, p99, peak RSS, and
+each configuration's requests/s as a ratio to the passthrough and to the gateway with no limits. Each figure is
+the median over the rounds, and each ratio the median of the ratios within a round. A virtual machine's speed
+drifts by tens of percent over tens of seconds: with no server starting between slices, a round lasts about
+duration + 1 s per configuration (some 35 s for all seven at the defaults), so the two sides of a ratio are
+measured seconds apart, not minutes, and the medians outvote the rounds where drift still moved a ratio.
 Needs `wrk` (Debian: apt-get install wrk) and, for the Redis configuration, `redis-server`.
 """
 
@@ -151,7 +155,19 @@ def token_for(env: dict[str, str]) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path, redis_url: str | None) -> Result:
+@dataclass
+class Server:
+    """A configuration's server, started once and kept running for the whole run."""
+    config: str
+    url: str
+    token: str
+    stream: bool
+    pid: int
+
+
+def start(config: str, upstream_url: str, work: Path, redis_url: str | None, connections: int,
+          stack: contextlib.ExitStack) -> Server:
+    """Start a configuration's server on CPU 0 (stopped when `stack` closes) and warm it."""
     port = free_port()
     env = {**os.environ, "AGENT_GATEWAY_JWT_SECRET": SECRET, "OPENAI_BASE_URL": upstream_url}
     if config.startswith("passthrough"):
@@ -166,13 +182,29 @@ def measure(config: str, upstream_url: str, args: argparse.Namespace, work: Path
             assert redis_url is not None
             argv += ["--redis-url", redis_url]
         token = token_for(env)
-    with process(argv, port, env) as proc:
-        url = f"http://127.0.0.1:{port}/openai/chat/completions"
-        stream = config.endswith("stream")
-        run_wrk(url, 2, args.connections, token, stream)  # warm-up, not measured
-        rps, p50, p99, errors = run_wrk(url, args.duration, args.connections, token, stream)
-        rss = peak_rss_mb(proc.pid)
-    return Result(config, round(rps, 1), p50, p99, errors, round(rss, 1))
+    proc = stack.enter_context(process(argv, port, env))
+    server = Server(config, f"http://127.0.0.1:{port}/openai/chat/completions", token, config.endswith("stream"),
+                    proc.pid)
+    run_wrk(server.url, 2, connections, token, server.stream)  # warm-up after start, not measured
+    return server
+
+
+def measure(server: Server, duration: int, connections: int) -> Result:
+    """One slice: 1 s of load, not measured, then `duration` s measured.
+
+    The short warm-up lets wrk's fresh connections settle and the server leave its idle state. Peak RSS is VmHWM
+    read at the end of the slice: the server's peak since it started, not within this slice.
+    """
+    run_wrk(server.url, 1, connections, server.token, server.stream)
+    rps, p50, p99, errors = run_wrk(server.url, duration, connections, server.token, server.stream)
+    return Result(server.config, round(rps, 1), p50, p99, errors, round(peak_rss_mb(server.pid), 1))
+
+
+def rotated(configs: list[str], round_: int) -> list[str]:
+    """The order of round `round_` (from 0): it starts at configuration round_ % n, so over n rounds each
+    configuration is measured once at each position of a round."""
+    first = round_ % len(configs) if configs else 0
+    return configs[first:] + configs[:first]
 
 
 def median_of(config: str, runs: list[Result]) -> Result:
@@ -192,8 +224,10 @@ def ratio(rounds: dict[str, list[Result]], config: str, baseline: str) -> float 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=10, help="seconds of measured load per configuration")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all configurations; medians are kept")
+    parser.add_argument("--duration", type=int, default=4,
+                        help="seconds of measured load per configuration and round (after 1 s unmeasured)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="rounds over all configurations, each starting one later; medians are kept")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument("--json", help="also write the results here")
@@ -203,27 +237,32 @@ def main() -> int:
         return 2
     configs = [c for c in args.configs.split(",") if c]
     results: list[Result] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         upstream_port = free_port()
         upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-        redis_port = free_port()
-        redis_cm = (process(pinned(0, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no"]), redis_port)
-                    if "gateway-limits-redis" in configs else contextlib.nullcontext())
-        with process(pinned(0, [sys.executable, str(HERE / "upstream.py"), str(upstream_port)]), upstream_port), \
-                redis_cm:
-            rounds: dict[str, list[Result]] = {config: [] for config in configs}
-            for round_ in range(1, args.rounds + 1):
-                for config in configs:
-                    rounds[config].append(measure(config, upstream_url, args, work,
-                                                  f"redis://127.0.0.1:{redis_port}/0"))
-                    print(f"  round {round_}, {config}: {rounds[config][-1].requests_per_s:.0f} req/s",
-                          file=sys.stderr)
-            results = [median_of(config, rounds[config]) for config in configs]
+        stack.enter_context(process(pinned(0, [sys.executable, str(HERE / "upstream.py"), str(upstream_port)]),
+                                    upstream_port))
+        redis_url = None
+        if "gateway-limits-redis" in configs:
+            redis_port = free_port()
+            stack.enter_context(process(pinned(0, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                                   "--save", "", "--appendonly", "no"]), redis_port))
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        # Every server starts before the first measurement, so no start-up falls between two slices of a round.
+        servers = {config: start(config, upstream_url, work, redis_url, args.connections, stack)
+                   for config in configs}
+        rounds: dict[str, list[Result]] = {config: [] for config in configs}
+        for round_ in range(args.rounds):
+            for config in rotated(configs, round_):
+                rounds[config].append(measure(servers[config], args.duration, args.connections))
+                print(f"  round {round_ + 1}, {config}: {rounds[config][-1].requests_per_s:.0f} req/s",
+                      file=sys.stderr)
+        results = [median_of(config, rounds[config]) for config in configs]
     for r in results:
-        # Each ratio is the median over the rounds of the ratio within a round (measured minutes apart at most),
-        # so drift between rounds cancels. Streaming is compared with the passthrough streaming the same answer.
+        # Each ratio is the median over the rounds of the ratio within a round (slices at most one round apart),
+        # so drift between rounds cancels and the rounds it hit are outvoted. Streaming is compared with the
+        # passthrough streaming the same answer.
         baseline = "passthrough-stream" if r.config.endswith("stream") else "passthrough"
         r.vs_passthrough = ratio(rounds, r.config, baseline)
         r.vs_no_limits = None if r.config.startswith("passthrough") else ratio(rounds, r.config, "gateway-no-limits")
@@ -232,8 +271,9 @@ def main() -> int:
     for r in results:
         print(f"{r.config:<24}{r.requests_per_s:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
               f"{r.peak_rss_mb:>8.1f}{r.vs_passthrough or 0:>8.2f}{r.vs_no_limits or 0:>9.2f}")
-    print(f"\n{args.connections} connections, {args.duration}s per configuration and round, medians of {args.rounds} "
-          "rounds, server on CPU 0, wrk on CPU 1")
+    print(f"\n{args.connections} connections, servers started once and kept running on CPU 0, wrk on CPU 1;\n"
+          f"medians of {args.rounds} rounds; each measures every configuration for {args.duration}s after 1s "
+          "unmeasured, order rotated by one a round")
     if args.json:
         Path(args.json).write_text(json.dumps({"connections": args.connections, "duration_s": args.duration,
                                                "rounds": args.rounds,
