@@ -83,10 +83,11 @@ if not call('SET', marker, ARGV[2], 'NX', 'PX', ARGV[4]) then
 end
 -- 1. Budgets fix how many output tokens can be granted (clamping), or refuse (and take the marker back).
 local clamped = false
-local held, per_outputs = {}, {}  -- per budget: used + its input's charge, and the price of an output token
+local found, charges, per_outputs = {}, {}, {}  -- per budget: its key's text (or false), input charge, price
 for i = 1, nb do
   local a = 2 + 4 * i
-  local used, charged, per_output = (call('GET', KEYS[i]) or 0) * 1, ARGV[a + 3] * 1, ARGV[a + 1] * 1
+  local text = call('GET', KEYS[i])
+  local used, charged, per_output = (text or 0) * 1, ARGV[a + 3] * 1, ARGV[a + 1] * 1
   local room = ARGV[a] - used - charged
   if room < 0 then
     call('DEL', marker)
@@ -103,7 +104,7 @@ for i = 1, nb do
       end
     end
   end
-  held[i], per_outputs[i] = used + charged, per_output
+  found[i], charges[i], per_outputs[i] = text, charged, per_output
 end
 -- 2. Rate counters: GCRA, all checked before any is charged.
 local new_tats, lefts = {}, {}
@@ -122,16 +123,21 @@ for j = 1, nr do
   new_tats[j], lefts[j] = new_tat, left > 0 and left or 0
 end
 -- 3. Admitted: charge everything (the marker already says what was granted, unless a budget clamped it).
+-- A budget key keeps the TTL its window's first charge gave it (INCRBY), so a charge skips SET's expiry work.
 local reply = {'ok', output}
 for i = 1, nb do
-  local total = held[i] + per_outputs[i] * output
-  call('SET', KEYS[i], fmt('%d', total), 'PX', ARGV[4 + 4 * i])
-  reply[2 + i] = total
+  local charge = fmt('%d', charges[i] + per_outputs[i] * output)
+  if found[i] then
+    reply[2 + i] = call('INCRBY', KEYS[i], charge)
+  else
+    call('SET', KEYS[i], charge, 'PX', ARGV[4 + 4 * i])
+    reply[2 + i] = charge * 1
+  end
 end
 for j = 1, nr do
   local new_tat = new_tats[j]
   local px = ceil((new_tat + 1 - now) * 1000)
-  call('SET', KEYS[nb + j], fmt('%.17g', new_tat), 'PX', px > 1 and px or 1)
+  call('SET', KEYS[nb + j], fmt('%.17g', new_tat), 'PX', fmt('%d', px > 1 and px or 1))
   reply[2 + nb + j] = lefts[j]
 end
 if clamped then call('SET', marker, output, 'PX', ARGV[4]) end
@@ -157,8 +163,9 @@ local alerts
 local a = 2
 for i = 1, nb do
   local n = ARGV[a + 3] * 1
-  local total = (call('GET', KEYS[1 + i]) or 0) + ARGV[a + 1]
-  call('SET', KEYS[1 + i], fmt('%d', total), 'PX', ARGV[a + 2])
+  local total = call('INCRBY', KEYS[1 + i], ARGV[a + 1])
+  -- Equal to the delta: the key was absent (expired, or never charged) and has no TTL yet, or it was 0.
+  if total == ARGV[a + 1] * 1 then call('PEXPIRE', KEYS[1 + i], ARGV[a + 2]) end
   reply[1 + i] = total
   local crossed = 0
   for t = 1, n do
@@ -189,7 +196,7 @@ for j = 1, nr do
     local now = ARGV[1] * 1
     local new_tat = tat + ARGV[a + j]
     local px = ceil(((now > new_tat and now or new_tat) + 1 - now) * 1000)
-    call('SET', KEYS[1 + 2 * nb + j], fmt('%.17g', new_tat), 'PX', px > 1 and px or 1)
+    call('SET', KEYS[1 + 2 * nb + j], fmt('%.17g', new_tat), 'PX', fmt('%d', px > 1 and px or 1))
   end
 end
 if alerts then

@@ -306,7 +306,21 @@ async def test_redis_keys_carry_the_same_expiry(redis_stores: Callable[[], Redis
     assert (p.marker_ttl - 5) * 1000 < await raw_redis.pttl(p.marker) <= p.marker_ttl * 1000
     await store.settle(reservation, 0, 20)
     assert (daily.ttl - 5) * 1000 < await raw_redis.pttl(daily.alert_key) <= daily.ttl * 1000
+    assert (daily.ttl - 5) * 1000 < await raw_redis.pttl(daily.key) <= daily.ttl * 1000  # kept by the settle
     assert await raw_redis.exists(p.marker) == 0
+
+
+async def test_a_budget_key_gone_before_settlement_comes_back_with_its_expiry(
+        redis_stores: Callable[[], RedisStore], raw_redis: redis.asyncio.Redis) -> None:
+    """Settling adds to the key; one that vanished meanwhile (evicted, flushed) is recreated, never immortal."""
+    store = redis_stores()
+    daily = budget(limit=1000)
+    reservation = await store.reserve(plan(budgets=(daily,), input=10, output=50))
+    assert isinstance(reservation, Reservation)
+    await raw_redis.delete(daily.key)
+    settled = await store.settle(reservation, 10, 70)  # 20 more than reserved
+    assert settled.used == (20,) and await raw_redis.get(daily.key) == "20"
+    assert (daily.ttl - 5) * 1000 < await raw_redis.pttl(daily.key) <= daily.ttl * 1000
 
 
 # -- concurrency ---------------------------------------------------------------------------------------------------
@@ -346,8 +360,9 @@ async def test_each_operation_is_one_round_trip(redis_stores: Callable[[], Redis
     await store.settle(reservation, 1, 1)
     await store.peek((rpm,), (daily,), NOW)
     stats = await raw_redis.info("commandstats")
-    # GET/SET/DEL are the scripts' own calls (counted by Redis too); everything else came over the wire.
-    ours = ("cmdstat_config", "cmdstat_info", "cmdstat_get", "cmdstat_set", "cmdstat_del")
+    # The scripts' own calls are counted by Redis too; everything else came over the wire.
+    ours = ("cmdstat_config", "cmdstat_info", "cmdstat_get", "cmdstat_set", "cmdstat_del", "cmdstat_incrby",
+            "cmdstat_pexpire")
     assert {name: s["calls"] for name, s in stats.items() if not name.startswith(ours)} == {
         "cmdstat_evalsha": 2, "cmdstat_mget": 1}
 
