@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from ..redis_calls import bounded
 from ..redis_urls import redis_client
 from .memory_store import _remaining  # the very same arithmetic, so peek agrees with the memory store exactly
-from .resp import Command, RespClient, endpoint
+from .resp import Command, RespClient, Unsent, endpoint
 from .store import (
     BudgetCounter,
     Plan,
@@ -256,7 +256,9 @@ class RedisStore:
         assert self._resp is not None
         try:
             try:
-                return await self._resp.call(command)
+                return await self._resp.send(command)  # the reply itself, no coroutine between
+            except Unsent:  # the connection failed before the write, so nothing ran: once more on a fresh one
+                return await self._resp.send(command)
             except ResponseError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
