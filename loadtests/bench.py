@@ -99,8 +99,11 @@ def wait_port(port: int, limit: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
-def process(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def process(argv: list[str], port: int, env: dict[str, str] | None = None,
+            log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A server, stopped on exit; its stderr goes to `log` (a pipe nobody reads would stall a chatty server)."""
+    with (log.open("wb") if log is not None else contextlib.nullcontext(subprocess.DEVNULL)) as stderr:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         wait_port(port)
         yield proc
@@ -162,7 +165,8 @@ class Server:
     url: str
     token: str
     stream: bool
-    pid: int
+    process: subprocess.Popen[bytes]
+    log: Path  # its stderr
 
 
 def start(config: str, upstream_url: str, work: Path, redis_url: str | None, connections: int,
@@ -182,9 +186,10 @@ def start(config: str, upstream_url: str, work: Path, redis_url: str | None, con
             assert redis_url is not None
             argv += ["--redis-url", redis_url]
         token = token_for(env)
-    proc = stack.enter_context(process(argv, port, env))
+    log = work / f"{config}.stderr"
+    proc = stack.enter_context(process(argv, port, env, log))
     server = Server(config, f"http://127.0.0.1:{port}/openai/chat/completions", token, config.endswith("stream"),
-                    proc.pid)
+                    proc, log)
     run_wrk(server.url, 2, connections, token, server.stream)  # warm-up after start, not measured
     return server
 
@@ -195,9 +200,13 @@ def measure(server: Server, duration: int, connections: int) -> Result:
     The short warm-up lets wrk's fresh connections settle and the server leave its idle state. Peak RSS is VmHWM
     read at the end of the slice: the server's peak since it started, not within this slice.
     """
-    run_wrk(server.url, 1, connections, server.token, server.stream)
-    rps, p50, p99, errors = run_wrk(server.url, duration, connections, server.token, server.stream)
-    return Result(server.config, round(rps, 1), p50, p99, errors, round(peak_rss_mb(server.pid), 1))
+    try:
+        run_wrk(server.url, 1, connections, server.token, server.stream)
+        rps, p50, p99, errors = run_wrk(server.url, duration, connections, server.token, server.stream)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"{server.config}: wrk failed ({exc.stdout.strip()[-300:]}); the server's exit status: "
+                           f"{server.process.poll()}; its stderr ends: {server.log.read_text()[-2000:]}") from exc
+    return Result(server.config, round(rps, 1), p50, p99, errors, round(peak_rss_mb(server.process.pid), 1))
 
 
 def rotated(configs: list[str], round_: int) -> list[str]:

@@ -47,11 +47,11 @@ def _record_budget(event: TraceEvent, budgets: tuple[BudgetCounter, ...], used: 
     event.budget = budgets[tightest].state(used[tightest])
 
 
-def _record(event: TraceEvent, reservation: Reservation, used: tuple[int, ...]) -> None:
-    """The tightest budget and the tightest rate limit, for the trace."""
+def _record(event: TraceEvent, reservation: Reservation, budgets: bool) -> None:
+    """The tightest rate limit (and budget, if `budgets`) after a reservation, for the trace."""
     plan = reservation.plan
-    if plan.budgets:
-        _record_budget(event, plan.budgets, used)
+    if budgets and plan.budgets:
+        _record_budget(event, plan.budgets, reservation.used)
     best: RateCounter | None = None
     best_left, best_share = 0, 0.0
     for rate, left in zip(plan.rates, reservation.remaining, strict=True):
@@ -91,7 +91,9 @@ async def reserve(store: Store, planner: Planner, action: Action, upstream: Upst
                                                 "retry shortly") from exc
     if isinstance(result, Refusal):
         raise refusal_error(result, {b.id: b.resets_at for b in plan.budgets})
-    _record(event, result, result.used)
+    # A store that settles inline always settles, and the settlement records the budget again: only another
+    # store's reservation may be all a trace can show of it (a settlement can wait for a store that is down).
+    _record(event, result, budgets=settler is None or not settler.inline)
     if result.output < plan.output:
         _note(event, f"max_tokens clamped from {plan.output} to {result.output} by the budget")
     return result

@@ -122,9 +122,9 @@ class MemoryStore:
         plan = reservation.plan
         now = self._clock()
         cells = self._cells
-        if self._get(plan.marker, now) is None:  # already settled, or never reserved
+        marker = cells.pop(plan.marker, None)
+        if marker is None or marker[1] <= now:  # already settled, or never reserved
             return Settlement(tuple(int(self._get(b.key, now) or 0) for b in plan.budgets), (), applied=False)
-        del cells[plan.marker]
         used_after: list[int] = []
         alerts: list[tuple[int, float]] = []
         # Integer arithmetic, so the difference of the costs is exact whichever way it is written.
@@ -135,13 +135,16 @@ class MemoryStore:
             total = (int(cell[0]) if cell is not None and cell[1] > now else 0) + delta
             cells[budget.key] = (total, now + budget.ttl)
             used_after.append(total)
-            if not budget.alert_at:
-                continue
-            fired = int(self._get(budget.alert_key, now) or 0)  # how many thresholds already fired
-            crossed = [t for t in budget.alert_at if total >= t * budget.limit]
-            if len(crossed) > fired:
-                alerts.extend((i, t) for t in crossed[fired:])
-                cells[budget.alert_key] = (len(crossed), now + budget.ttl)
+            crossed = 0
+            for threshold in budget.alert_at:
+                if total >= threshold * budget.limit:
+                    crossed += 1
+            if crossed:  # how many already fired is read only when one may fire now, as the script does
+                fired = int(self._get(budget.alert_key, now) or 0)
+                if crossed > fired:
+                    reached = [t for t in budget.alert_at if total >= t * budget.limit]
+                    alerts.extend((i, t) for t in reached[fired:])
+                    cells[budget.alert_key] = (crossed, now + budget.ttl)
         for rate in plan.rates:
             delta = rate.per_input * more_input + rate.per_output * more_output  # a call count never changes
             if delta:
