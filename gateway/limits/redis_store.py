@@ -37,10 +37,12 @@ from .store import (
 T = TypeVar("T")
 _Queued = tuple[str, list[str], list[str | int | float], "asyncio.Future[Any]"]  # script, keys, args, reply
 
-# Numbers cross into Lua as decimal strings. A GCRA cell's time is stored as `%.17g`, which round-trips a double
-# exactly, and a refusal's retry time comes back as that text too (Redis truncates a Lua number in a reply to an
-# integer). A budget total is a whole number (tokens or nano-dollars, exact below 2^53): stored as `%d`, which
-# skips float formatting, and replied as a number, which arrives as an integer.
+# Numbers cross into Lua as text: integers in decimal, and the times that vary per call (now, a settlement's shift of
+# a GCRA cell) as C99 hex floats (`float.hex`), exact, and much cheaper for Python to write than a float's repr;
+# Lua reads both with strtod. A GCRA cell's time is stored as `%.17g`, which round-trips a double exactly, and a
+# refusal's retry time comes back as that text too (Redis truncates a Lua number in a reply to an integer). A budget
+# total is a whole number (tokens or nano-dollars, exact below 2^53): stored as `%d`, which skips float formatting,
+# and replied as a number, which arrives as an integer.
 # The scripts are written for what redis-server spends on them, as measured (instructions per call, callgrind):
 # - every argument costs (Redis interns each as a Lua string, and arithmetic parses it), so the gateway sends
 #   what it can compute exactly itself: a rate's fixed cost and interval, a budget's input charge, an alert's
@@ -408,7 +410,7 @@ def reserve_arguments(plan: Plan) -> tuple[list[str], list[str | int | float]]:
     What the gateway computes here is exact and what the script would compute: integer costs, and a rate's
     interval as the same one division."""
     keys = [b.key for b in plan.budgets] + [r.key for r in plan.rates] + [plan.marker]
-    args: list[str | int | float] = [plan.now, plan.output, "" if plan.min_output is None else plan.min_output,
+    args: list[str | int | float] = [plan.now.hex(), plan.output, "" if plan.min_output is None else plan.min_output,
                                      _px(plan.marker_ttl), len(plan.budgets)]
     for b in plan.budgets:
         args += [b.limit, b.per_output, _px(b.ttl), b.per_input * plan.input]
@@ -422,7 +424,7 @@ def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens:
     """The settle script's KEYS and ARGV (`_Wire` packs the same)."""
     plan = reservation.plan
     keys = [plan.marker, *(b.key for b in plan.budgets), *(b.alert_key for b in plan.budgets)]
-    args: list[str | int | float] = [now, len(plan.budgets)]
+    args: list[str | int | float] = [now.hex(), len(plan.budgets)]
     for b in plan.budgets:
         delta = budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
         args += [delta, _px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
@@ -430,24 +432,28 @@ def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens:
         delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
         if delta:  # a counter whose cost did not change has nothing to settle: not sending it saves its work
             keys.append(r.key)
-            args.append(delta * r.period / r.limit)
+            args.append((delta * r.period / r.limit).hex())
     return keys, args
+
+
+_HEADS = tuple(b"$%d\r\n" % n for n in range(512))  # bulk string heads: a lookup, not a format, per value
+
+
+def _bulk_bytes(data: bytes) -> bytes:
+    n = len(data)
+    return _HEADS[n] + data + b"\r\n" if n < 512 else b"$%d\r\n%b\r\n" % (n, data)
 
 
 def _bulk(value: str | int | float) -> bytes:
     """One RESP bulk string, encoded as hiredis.pack_command encodes the value (a float as its repr)."""
-    data = value.encode() if isinstance(value, str) else str(value).encode()
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+    return _bulk_bytes(value.encode() if isinstance(value, str) else str(value).encode())
 
 
 _SMALL = tuple(_bulk(n) for n in range(256))  # counts, flags and small token numbers, encoded once
 
 
 def _bulk_int(value: int) -> bytes:
-    if 0 <= value < 256:
-        return _SMALL[value]
-    data = b"%d" % value
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+    return _SMALL[value] if 0 <= value < 256 else _bulk_bytes(b"%d" % value)
 
 
 class _Wire:
@@ -501,44 +507,50 @@ class _Wire:
         return (b"".join(map(_bulk, (r.period, r.period / r.limit, r.per_output))),)
 
     def reserve(self, plan: Plan) -> bytes:
-        budgets = [self._budget(b) for b in plan.budgets]
-        rates = [self._rate(r) for r in plan.rates]
-        nkeys = len(budgets) + len(rates) + 1
         spent = plan.input
-        args = []
-        for b, parts in zip(plan.budgets, budgets, strict=True):
-            args += [parts[1], _bulk_int(b.per_input * spent)]
-        for r, parts in zip(plan.rates, rates, strict=True):
-            args += [parts[1], _bulk_int(r.per_call + r.per_input * spent)]
+        keys, args = [], []
+        for b in plan.budgets:
+            parts = self._budget(b)
+            keys.append(parts[0])
+            args.append(parts[1])
+            args.append(_bulk_int(b.per_input * spent))
+        for r in plan.rates:
+            parts = self._rate(r)
+            keys.append(parts[0])
+            args.append(parts[1])
+            args.append(_bulk_int(r.per_call + r.per_input * spent))
+        nb, nkeys = len(plan.budgets), len(keys) + 1
         return b"".join((
-            b"*%d\r\n" % (3 + nkeys + 5 + 4 * len(budgets) + 4 * len(rates)), self._reserve_head, _bulk_int(nkeys),
-            *(b[0] for b in budgets), *(r[0] for r in rates), _bulk(plan.marker),
-            _bulk(plan.now), _bulk_int(plan.output),
+            b"*%d\r\n" % (3 + nkeys + 5 + 4 * (nkeys - 1)), self._reserve_head, _bulk_int(nkeys), *keys,
+            _bulk(plan.marker), _bulk(plan.now.hex()), _bulk_int(plan.output),
             b"$0\r\n\r\n" if plan.min_output is None else _bulk_int(plan.min_output),
-            _bulk_int(_px(plan.marker_ttl)), _bulk_int(len(budgets)), *args))
+            _bulk_int(_px(plan.marker_ttl)), _bulk_int(nb), *args))
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int, now: float) -> bytes:
         plan = reservation.plan
-        budgets = [self._budget(b) for b in plan.budgets]
-        nargs = 2 * len(budgets)
-        budget_args = []
+        nargs = 2 * len(plan.budgets)
+        budget_keys, alert_keys, budget_args = [], [], []
         # Integer arithmetic, as settle_arguments: the difference of the costs, written as one expression.
         more_input, more_output = input_tokens - plan.input, output_tokens - reservation.output
-        for b, parts in zip(plan.budgets, budgets, strict=True):
-            budget_args += [_bulk_int(b.per_input * more_input + b.per_output * more_output), parts[3]]
+        for b in plan.budgets:
+            parts = self._budget(b)
+            budget_keys.append(parts[0])
+            alert_keys.append(parts[2])
+            budget_args.append(_bulk_int(b.per_input * more_input + b.per_output * more_output))
+            budget_args.append(parts[3])
             nargs += 3 + len(b.alert_at)
         rate_keys, rate_args = [], []
         for r in plan.rates:
             delta = r.per_input * more_input + r.per_output * more_output  # a call count never changes
             if delta:  # as settle_arguments: a counter whose cost did not change is not sent
                 rate_keys.append(self._rate(r)[0])
-                rate_args.append(_bulk(delta * r.period / r.limit))
+                rate_args.append(_bulk((delta * r.period / r.limit).hex()))
                 nargs += 2
-        nkeys = 1 + 2 * len(budgets) + len(rate_keys)
+        nkeys = 1 + 2 * len(budget_keys) + len(rate_keys)
         return b"".join((
             b"*%d\r\n" % (3 + 1 + nargs + 2), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
-            *(b[0] for b in budgets), *(b[2] for b in budgets), *rate_keys,
-            _bulk(now), _bulk_int(len(budgets)), *budget_args, *rate_args))
+            *budget_keys, *alert_keys, *rate_keys, _bulk(now.hex()), _bulk_int(len(budget_keys)), *budget_args,
+            *rate_args))
 
 
 def _px(seconds: float) -> int:
