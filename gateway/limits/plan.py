@@ -84,7 +84,7 @@ class Planner:
         self.agent = agent
         self.tag = agent_tag(agent.id)
         self._priced = any(spec.usd is not None for spec in agent.budgets)  # whether the model's price matters
-        self._shapes: dict[tuple[str, bool, PriceSpec | None], _Shape] = {}
+        self._shapes: dict[tuple[str, bool, str | None], _Shape] = {}
         # Reservation ids: unique per process (random prefix) and per call (counter), without uuid4's cost.
         self._ids = itertools.count()
         self._marker_prefix = f"{self.tag}:res:{os.urandom(6).hex()}"
@@ -94,10 +94,12 @@ class Planner:
     def plan(self, action: Action, upstream: UpstreamSpec, call_fingerprint: str, now: float) -> Planned:
         """The counters this call touches; `policy_denied` when a limit needs an estimate the call cannot give."""
         uses_tokens = upstream.kind in LLM_KINDS and action.verb in TOKEN_VERBS
-        price = upstream.prices.get(action.model or "") if uses_tokens and self._priced else None
-        key = (action.upstream, uses_tokens, price)
+        # Keyed by the model's name, whose price the planner's rule set fixes: a string's hash is cached, where a
+        # price's would be computed per call.
+        key = (action.upstream, uses_tokens, action.model if uses_tokens and self._priced else None)
         shape = self._shapes.get(key)
         if shape is None or not shape.valid_from <= now < shape.valid_until:
+            price = upstream.prices.get(action.model or "") if uses_tokens and self._priced else None
             shape = self._shape(action, upstream, uses_tokens, price, now)
             if not shape.notes:  # notes name the model: those shapes are rare and built per call
                 if len(self._shapes) > 256:  # windows, upstreams and prices come and go: keep the cache small
