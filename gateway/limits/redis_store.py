@@ -49,6 +49,7 @@ _Queued = tuple[str, list[str], list[str | int | float], "asyncio.Future[Any]"] 
 #   level, a settlement's shift of a GCRA cell; and a refusal's retry time is the gateway's to compute;
 # - a string becomes a number by arithmetic (`ARGV[i] * 1`), as `tonumber` would but parsed once, where
 #   `tonumber` parses it twice (Lua 5.1 checks, then converts); and each value is parsed once;
+# - `a > b and a or b` is exactly `math.max(b, a)` (also for NaN and -0) without a C call;
 # - TTLs known in advance come as PX milliseconds (`_px`), so Lua neither computes nor formats them;
 # - the reservation marker is set first, only if absent (SET NX), which is also the retry check: one call;
 # - an alert counter is read only when a threshold is crossed;
