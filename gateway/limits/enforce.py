@@ -47,11 +47,10 @@ def _record_budget(event: TraceEvent, budgets: tuple[BudgetCounter, ...], used: 
     event.budget = budgets[tightest].state(used[tightest])
 
 
-def _record(event: TraceEvent, reservation: Reservation, budgets: bool) -> None:
-    """The tightest rate limit (and budget, if `budgets`) after a reservation, for the trace."""
+def _record(event: TraceEvent, reservation: Reservation) -> None:
+    """The tightest rate limit after a reservation, for the trace. The budget is the settlement's to record: a
+    reservation that holds budgets always settles (or is queued to), and records what it knows then."""
     plan = reservation.plan
-    if budgets and plan.budgets:
-        _record_budget(event, plan.budgets, reservation.used)
     best: RateCounter | None = None
     best_left, best_share = 0, 0.0
     for rate, left in zip(plan.rates, reservation.remaining, strict=True):
@@ -91,9 +90,7 @@ async def reserve(store: Store, planner: Planner, action: Action, upstream: Upst
                                                 "retry shortly") from exc
     if isinstance(result, Refusal):
         raise refusal_error(result, {b.id: b.resets_at for b in plan.budgets})
-    # A store that settles inline always settles, and the settlement records the budget again: only another
-    # store's reservation may be all a trace can show of it (a settlement can wait for a store that is down).
-    _record(event, result, budgets=settler is None or not settler.inline)
+    _record(event, result)
     if result.output < plan.output:
         _note(event, f"max_tokens clamped from {plan.output} to {result.output} by the budget")
     return result
@@ -124,13 +121,17 @@ class Settler:
             settlement = await self.store.settle(reservation, input_tokens, output_tokens)
         except StoreUnavailable as exc:
             _note(event, f"limits store unavailable at settlement ({exc}): queued, retried until it applies")
+            if reservation.plan.budgets:  # all the trace can show of them: the reservation's totals
+                _record_budget(event, reservation.plan.budgets, reservation.used)
             self._pending.append((reservation, input_tokens, output_tokens))
             if self._worker is None or self._worker.done():
                 self._worker = asyncio.get_running_loop().create_task(self._retry())
             return
+        if reservation.plan.budgets:  # the rate limits' room was recorded at reservation
+            # A settlement that did not apply (already settled, or its marker gone) leaves the reservation's totals.
+            _record_budget(event, reservation.plan.budgets,
+                           settlement.used if settlement.applied else reservation.used)
         if settlement.applied:
-            if reservation.plan.budgets:  # the rate limits' room was recorded at reservation
-                _record_budget(event, reservation.plan.budgets, settlement.used)
             self.on_settled(reservation, settlement)
 
     async def _retry(self, first_delay: float = 0.5, max_delay: float = 30.0) -> None:

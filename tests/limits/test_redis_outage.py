@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from conftest import RedisProcess
 
+from gateway.limits.enforce import Settler
 from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import BudgetCounter, Plan, RateCounter, Reservation, StoreUnavailable
+from gateway.trace.event import TraceEvent
+from gateway.trace.sinks import MemorySink
 
 NOW = 1_700_000_000.0
 TAG = "agw:{bot}"
@@ -154,3 +157,27 @@ async def test_a_settle_retried_across_a_pause_applies_exactly_once(
     again = await store.settle(reservation, 100, 100)
     assert again.applied is False and first.used == again.used == (200,)
     assert (await store.peek((RPM,), (DAILY,), NOW))[1] == (200,)
+
+
+async def test_a_trace_shows_the_reservations_budget_while_its_settlement_waits_then_the_settled_one(
+        owned_redis: RedisProcess, store: RedisStore) -> None:
+    """The settlement records the budget: the reservation's totals while the store is down (all the trace can
+    show then), the settled ones once it applies."""
+    settler = Settler(store, MemorySink(), lambda reservation, settlement: None)
+    reservation = await admit(store, input=100, output=900)
+    owned_redis.stop()
+    waiting = TraceEvent(trace_id="0" * 32, span_id="0" * 16)
+    async with asyncio.timeout(PROMPTLY):
+        await settler.settle(reservation, 100, 100, waiting)
+    assert waiting.budget is not None and waiting.budget["used"] == 1000
+    assert waiting.limits and "queued, retried until it applies" in waiting.limits[0]
+    owned_redis.start()
+    settled = TraceEvent(trace_id="1" * 32, span_id="1" * 16)
+    await settler.close()  # its last attempt applies the queued settlement
+    await settler.settle(reservation, 100, 100, settled)  # already applied: the reservation's totals again
+    assert settled.budget is not None and settled.budget["used"] == 1000
+    assert (await store.peek((RPM,), (DAILY,), NOW))[1] == (200,)
+    fresh = await admit(store, input=10, output=90)
+    applied = TraceEvent(trace_id="2" * 32, span_id="2" * 16)
+    await settler.settle(fresh, 10, 10, applied)
+    assert applied.budget is not None and applied.budget["used"] == 220
