@@ -164,9 +164,12 @@ class Server:
     config: str
     url: str
     token: str
-    stream: bool
     process: subprocess.Popen[bytes]
     log: Path  # its stderr
+
+    @property
+    def stream(self) -> bool:
+        return self.config.endswith("stream")
 
 
 def start(config: str, upstream_url: str, work: Path, redis_url: str | None, connections: int,
@@ -188,8 +191,7 @@ def start(config: str, upstream_url: str, work: Path, redis_url: str | None, con
         token = token_for(env)
     log = work / f"{config}.stderr"
     proc = stack.enter_context(process(argv, port, env, log))
-    server = Server(config, f"http://127.0.0.1:{port}/openai/chat/completions", token, config.endswith("stream"),
-                    proc, log)
+    server = Server(config, f"http://127.0.0.1:{port}/openai/chat/completions", token, proc, log)
     run_wrk(server.url, 2, connections, token, server.stream)  # warm-up after start, not measured
     return server
 
