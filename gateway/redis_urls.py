@@ -85,6 +85,8 @@ class ClusterClient(RedisCluster):
     """redis-py's cluster client, whose "cannot be connected" and "slot not covered" errors are `RedisError`s,
     and whose slot map can be re-read on demand.
 
+    Its first commands learn the slot map before they are routed (see `execute_command`).
+
     redis-py raises `RedisClusterException` for them, which is not a `RedisError`: every caller's
     `except RedisError` (the store, approvals, the kill switch, the bus) missed it, so a cluster unreachable at
     start crashed the gateway's start-up and ended the bus's reconnect loop for good. (A pipeline initialises
@@ -99,6 +101,11 @@ class ClusterClient(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if self._initialize:
+                # redis-py picks a command's route before it first reads the slot map, so without one a keyed
+                # command went to a random node: MOVED, and every fifth MOVED closed all the client's
+                # connections, failing the calls in flight on them.
+                await self.initialize()
             return await super().execute_command(*args, **kwargs)
         except RedisClusterException as exc:
             raise ClusterUnavailable(str(exc)) from exc

@@ -418,6 +418,13 @@ class RedisClusterProcesses:
         self.wait_until(listed, f"a replica of the master on port {master.port}", within)
         return found[0]
 
+    def redirects(self) -> int:
+        """MOVED replies sent so far, summed over the live nodes (INFO errorstats): a client that routes every
+        command by its key's slot causes none."""
+        return sum(int(line.partition("count=")[2].split(",")[0]) for node in self.nodes if node.running
+                   for line in self.cli("info", "errorstats", port=node.port).splitlines()
+                   if line.startswith("errorstat_MOVED:"))
+
     def flush(self) -> None:
         for port in self.ports:
             assert redis_command(port, "FLUSHALL", tls=self.tls.context() if self.tls else None) == b"+OK"
