@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -35,22 +36,25 @@ from .store import (
 )
 
 T = TypeVar("T")
-_Queued = tuple[str, list[str], list[str | int | float], "asyncio.Future[Any]"]  # script, keys, args, reply
+_Queued = tuple[str, list[str], list[bytes | str | int], "asyncio.Future[Any]"]  # script, keys, args, reply
 
-# Numbers cross into Lua as text: integers in decimal, and the times that vary per call (now, a settlement's shift of
-# a GCRA cell) as C99 hex floats (`float.hex`), exact, and much cheaper for Python to write than a float's repr;
-# Lua reads both with strtod. A GCRA cell's time is stored as `%.17g`, which round-trips a double exactly, and a
-# refusal's retry time comes back as that text too (Redis truncates a Lua number in a reply to an integer). A budget
-# total is a whole number (tokens or nano-dollars, exact below 2^53): stored as `%d`, which skips float formatting,
-# and replied as a number, which arrives as an integer.
-# The scripts are written for what redis-server spends on them, as measured (instructions per call, callgrind):
-# - every argument costs (Redis interns each as a Lua string, and arithmetic parses it), so the gateway sends
-#   what it can compute exactly itself: a rate's fixed cost and interval, a budget's input charge, an alert's
-#   level, a settlement's shift of a GCRA cell; and a refusal's retry time is the gateway's to compute;
-# - a string becomes a number by arithmetic (`ARGV[i] * 1`), as `tonumber` would but parsed once, where
-#   `tonumber` parses it twice (Lua 5.1 checks, then converts); and each value is parsed once;
+# Numbers cross into Lua packed: the numbers a script only reads arrive as one string of little-endian doubles
+# (`struct.pack('<…d')`), which Lua's struct library unpacks in one call. A double carries every value exactly:
+# the per-call times, a rate's interval (the gateway's one division), and whole numbers below 2^53 (token counts,
+# nano-dollars). Measured on redis-server (instructions per call, callgrind): each separate argument costs about
+# 0.8k to become a Lua string and 1.2k more to parse, where unpacking 25 doubles costs about 7k in all. What a
+# script passes on to a Redis command as it is (the marker's value and TTL) stays text, since Redis formats a Lua
+# number in a command with `%.17g`. A GCRA cell's time is stored as `%.17g`, which round-trips a double exactly,
+# and a refusal's retry time comes back as that text too (Redis truncates a Lua number in a reply to an integer).
+# A budget total is a whole number: stored as `%d`, which skips float formatting, and replied as a number, which
+# arrives as an integer.
+# The scripts are written for what redis-server spends on them, as measured:
+# - the gateway sends what it can compute exactly itself: a rate's fixed cost and interval, a budget's input
+#   charge, an alert's level, a settlement's shift of a GCRA cell; and a refusal's retry time is the gateway's to
+#   compute;
 # - `a > b and a or b` is exactly `math.max(b, a)` (also for NaN and -0) without a C call;
-# - TTLs known in advance come as PX milliseconds (`_px`), so Lua neither computes nor formats them;
+# - TTLs known in advance come as PX milliseconds (`_px`), so Lua never computes them, and formats them (`%d`)
+#   only on the rare path that sets a new budget key or alert counter;
 # - the reservation marker is set first, only if absent (SET NX), which is also the retry check: one call;
 # - an alert counter is read only when a threshold is crossed;
 # - string.format only where text is needed (what is stored, and what the reply carries as text), once each;
@@ -58,25 +62,26 @@ _Queued = tuple[str, list[str], list[str | int | float], "asyncio.Future[Any]"] 
 #   key up front saved only ~2%, and it would read keys that a refusal or an unchanged counter never needs.
 
 # KEYS: budget keys (nb), rate keys (nr, as many as the rest of KEYS), marker.
-# ARGV: now, output, min_output ('' when clamping is off), marker px, nb,
-#       then per budget: limit, per_output, px, charge for the input (per_input * input);
-#       then per rate: period, interval (period / limit), per_output, base cost (per_call + per_input * input).
+# ARGV: the numbers (below), output as text (the marker's value), the marker's TTL as PX text.
+# Numbers: now, output, min_output (-1 when clamping is off), nb,
+#          then per budget: limit, per_output, px, charge for the input (per_input * input);
+#          then per rate: period, interval (period / limit), per_output, base cost (per_call + per_input * input).
 # Reply: {'budget', index} | {'rate', index, retry_after} | {'ok', output, used..., remaining...}.
 # The marker's value is the granted output, so a retried reserve can report it again.
 RESERVE = """
 local call, fmt, floor, ceil = redis.call, string.format, math.floor, math.ceil
-local now, output = ARGV[1] * 1, ARGV[2] * 1
-local nb = ARGV[5] * 1
+local v = {struct.unpack('<' .. string.rep('d', #ARGV[1] / 8), ARGV[1])}
+local now, output, nb = v[1], v[2], v[4]
 local nr = #KEYS - nb - 1
-local r0 = 2 + 4 * nb
+local r0 = 4 * nb  -- budget i's numbers follow v[4 * i], rate j's follow v[r0 + 4 * j]
 local marker = KEYS[nb + nr + 1]
 -- 0. Already reserved? Then this is a retry whose first reply was lost: report it again, charge nothing.
-if not call('SET', marker, ARGV[2], 'NX', 'PX', ARGV[4]) then
+if not call('SET', marker, ARGV[2], 'NX', 'PX', ARGV[3]) then
   local reply = {'ok', call('GET', marker) * 1}
   for i = 1, nb do reply[2 + i] = (call('GET', KEYS[i]) or 0) * 1 end
   for j = 1, nr do
     local a = r0 + 4 * j
-    local period, interval = ARGV[a] * 1, ARGV[a + 1] * 1
+    local period, interval = v[a + 1], v[a + 2]
     local tat = (call('GET', KEYS[nb + j]) or now) * 1
     if now > tat then tat = now end
     local left = floor((period - (tat - now)) / interval + 1e-9)
@@ -86,12 +91,12 @@ if not call('SET', marker, ARGV[2], 'NX', 'PX', ARGV[4]) then
 end
 -- 1. Budgets fix how many output tokens can be granted (clamping), or refuse (and take the marker back).
 local clamped = false
-local found, charges, per_outputs = {}, {}, {}  -- per budget: its key's text (or false), input charge, price
+local found = {}  -- per budget: its key's text, or false
 for i = 1, nb do
-  local a = 2 + 4 * i
+  local a = 4 * i
   local text = call('GET', KEYS[i])
-  local used, charged, per_output = (text or 0) * 1, ARGV[a + 3] * 1, ARGV[a + 1] * 1
-  local room = ARGV[a] - used - charged
+  local per_output = v[a + 2]
+  local room = v[a + 1] - (text or 0) - v[a + 4]
   if room < 0 then
     call('DEL', marker)
     return {'budget', i}
@@ -99,7 +104,7 @@ for i = 1, nb do
   if per_output > 0 then
     local affordable = floor(room / per_output)
     if affordable < output then
-      if ARGV[3] ~= '' and affordable >= ARGV[3] * 1 then
+      if v[3] >= 0 and affordable >= v[3] then
         output, clamped = affordable, true
       else
         call('DEL', marker)
@@ -107,14 +112,14 @@ for i = 1, nb do
       end
     end
   end
-  found[i], charges[i], per_outputs[i] = text, charged, per_output
+  found[i] = text
 end
 -- 2. Rate counters: GCRA, all checked before any is charged.
 local new_tats, lefts = {}, {}
 for j = 1, nr do
   local a = r0 + 4 * j
-  local period, interval = ARGV[a] * 1, ARGV[a + 1] * 1
-  local cost = ARGV[a + 3] + ARGV[a + 2] * output
+  local period, interval = v[a + 1], v[a + 2]
+  local cost = v[a + 4] + v[a + 3] * output
   local tat = (call('GET', KEYS[nb + j]) or now) * 1
   if now > tat then tat = now end
   local new_tat = tat + cost * interval
@@ -129,11 +134,12 @@ end
 -- A budget key keeps the TTL its window's first charge gave it (INCRBY), so a charge skips SET's expiry work.
 local reply = {'ok', output}
 for i = 1, nb do
-  local charge = fmt('%d', charges[i] + per_outputs[i] * output)
+  local a = 4 * i
+  local charge = fmt('%d', v[a + 4] + v[a + 2] * output)
   if found[i] then
     reply[2 + i] = call('INCRBY', KEYS[i], charge)
   else
-    call('SET', KEYS[i], charge, 'PX', ARGV[4 + 4 * i])
+    call('SET', KEYS[i], charge, 'PX', fmt('%d', v[a + 3]))
     reply[2 + i] = charge * 1
   end
 end
@@ -143,18 +149,20 @@ for j = 1, nr do
   call('SET', KEYS[nb + j], fmt('%.17g', new_tat), 'PX', fmt('%d', px > 1 and px or 1))
   reply[2 + nb + j] = lefts[j]
 end
-if clamped then call('SET', marker, output, 'PX', ARGV[4]) end
+if clamped then call('SET', marker, output, 'PX', ARGV[3]) end
 return reply
 """
 
 # KEYS: marker, budget keys (nb), alert keys (nb), rate keys (nr, as many as the rest of KEYS: only those whose
 #       cost changed, as the others have nothing to settle).
-# ARGV: now, nb, then per budget: delta, px, n, n alert levels (threshold * limit); then per rate: its cell's shift
-#       (delta * period / limit).
+# ARGV: the numbers (below), then each budget's delta as text (what INCRBY adds).
+# Numbers: now, nb, then per budget: delta, px, n, n alert levels (threshold * limit); then per rate: its cell's
+#          shift (delta * period / limit).
 # Reply: {applied (0|1), used..., then (budget index, threshold index) pairs of the alerts that fired}.
 SETTLE = """
 local call, fmt, ceil = redis.call, string.format, math.ceil
-local nb = ARGV[2] * 1
+local v = {struct.unpack('<' .. string.rep('d', #ARGV[1] / 8), ARGV[1])}
+local nb = v[2]
 local nr = #KEYS - 2 * nb - 1
 if call('DEL', KEYS[1]) == 0 then  -- already settled, or never reserved
   local reply = {0}
@@ -165,21 +173,21 @@ local reply = {1}
 local alerts
 local a = 2
 for i = 1, nb do
-  local n = ARGV[a + 3] * 1
-  local total = call('INCRBY', KEYS[1 + i], ARGV[a + 1])
+  local n = v[a + 3]
+  local total = call('INCRBY', KEYS[1 + i], ARGV[1 + i])
   -- Equal to the delta: the key was absent (expired, or never charged) and has no TTL yet, or it was 0.
-  if total == ARGV[a + 1] * 1 then call('PEXPIRE', KEYS[1 + i], ARGV[a + 2]) end
+  if total == v[a + 1] then call('PEXPIRE', KEYS[1 + i], fmt('%d', v[a + 2])) end
   reply[1 + i] = total
   local crossed = 0
   for t = 1, n do
-    if total >= ARGV[a + 3 + t] * 1 then crossed = crossed + 1 end
+    if total >= v[a + 3 + t] then crossed = crossed + 1 end
   end
   if crossed > 0 then  -- how many already fired is read only when one may fire now
     local fired = (call('GET', KEYS[1 + nb + i]) or 0) * 1
     if crossed > fired then  -- thresholds crossed beyond the first `fired` fire now
       local count = 0
       for t = 1, n do
-        if total >= ARGV[a + 3 + t] * 1 then
+        if total >= v[a + 3 + t] then
           count = count + 1
           if count > fired then
             alerts = alerts or {}
@@ -188,7 +196,7 @@ for i = 1, nb do
           end
         end
       end
-      call('SET', KEYS[1 + nb + i], crossed, 'PX', ARGV[a + 2])
+      call('SET', KEYS[1 + nb + i], crossed, 'PX', fmt('%d', v[a + 2]))
     end
   end
   a = a + 3 + n
@@ -196,8 +204,8 @@ end
 for j = 1, nr do
   local tat = call('GET', KEYS[1 + 2 * nb + j])
   if tat then
-    local now = ARGV[1] * 1
-    local new_tat = tat + ARGV[a + j]
+    local now = v[1]
+    local new_tat = tat + v[a + j]
     local px = ceil(((now > new_tat and now or new_tat) + 1 - now) * 1000)
     call('SET', KEYS[1 + 2 * nb + j], fmt('%.17g', new_tat), 'PX', fmt('%d', px > 1 and px or 1))
   end
@@ -286,7 +294,7 @@ class RedisStore:
         return StoreUnavailable(f"redis {what}: {type(exc).__name__}: {exc}")
 
     # -- a cluster: redis-py ---------------------------------------------------------------------------------------
-    async def _batched(self, name: str, keys: list[str], args: list[str | int | float]) -> Any:
+    async def _batched(self, name: str, keys: list[str], args: list[bytes | str | int]) -> Any:
         """Queue one script call for this loop iteration's pipeline and wait for its own reply."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._batch.append((name, keys, args, future))
@@ -405,38 +413,46 @@ def _as_store_failure(reply: Any) -> Any:
     return reply
 
 
-def reserve_arguments(plan: Plan) -> tuple[list[str], list[str | int | float]]:
+def reserve_arguments(plan: Plan) -> tuple[list[str], list[bytes | str | int]]:
     """The reserve script's KEYS and ARGV for `plan` (the layout the script reads; `_Wire` packs the same).
 
     What the gateway computes here is exact and what the script would compute: integer costs, and a rate's
     interval as the same one division."""
     keys = [b.key for b in plan.budgets] + [r.key for r in plan.rates] + [plan.marker]
-    args: list[str | int | float] = [plan.now.hex(), plan.output, "" if plan.min_output is None else plan.min_output,
-                                     _px(plan.marker_ttl), len(plan.budgets)]
+    numbers: list[float] = [plan.now, plan.output, -1 if plan.min_output is None else plan.min_output,
+                            len(plan.budgets)]
     for b in plan.budgets:
-        args += [b.limit, b.per_output, _px(b.ttl), b.per_input * plan.input]
+        numbers += [b.limit, b.per_output, _px(b.ttl), b.per_input * plan.input]
     for r in plan.rates:
-        args += [r.period, r.period / r.limit, r.per_output, r.per_call + r.per_input * plan.input]
-    return keys, args
+        numbers += [r.period, r.period / r.limit, r.per_output, r.per_call + r.per_input * plan.input]
+    return keys, [_doubles(numbers), plan.output, _px(plan.marker_ttl)]
 
 
 def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens: int,
-                     now: float) -> tuple[list[str], list[str | int | float]]:
+                     now: float) -> tuple[list[str], list[bytes | str | int]]:
     """The settle script's KEYS and ARGV (`_Wire` packs the same)."""
     plan = reservation.plan
     keys = [plan.marker, *(b.key for b in plan.budgets), *(b.alert_key for b in plan.budgets)]
-    args: list[str | int | float] = [now.hex(), len(plan.budgets)]
+    numbers: list[float] = [now, len(plan.budgets)]
+    deltas: list[bytes | str | int] = []
     for b in plan.budgets:
         delta = budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
-        args += [delta, _px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
+        numbers += [delta, _px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
+        deltas.append(delta)
     for r in plan.rates:
         delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
         if delta:  # a counter whose cost did not change has nothing to settle: not sending it saves its work
             keys.append(r.key)
-            args.append((delta * r.period / r.limit).hex())
-    return keys, args
+            numbers.append(delta * r.period / r.limit)
+    return keys, [_doubles(numbers), *deltas]
 
 
+def _doubles(numbers: list[float]) -> bytes:
+    """The scripts' numbers: little-endian doubles, which Lua's `struct.unpack('<d…')` reads back exactly."""
+    return struct.pack(f"<{len(numbers)}d", *numbers)
+
+
+_D = struct.Struct("<d").pack
 _HEADS = tuple(b"$%d\r\n" % n for n in range(512))  # bulk string heads: a lookup, not a format, per value
 
 
@@ -445,8 +461,8 @@ def _bulk_bytes(data: bytes) -> bytes:
     return _HEADS[n] + data + b"\r\n" if n < 512 else b"$%d\r\n%b\r\n" % (n, data)
 
 
-def _bulk(value: str | int | float) -> bytes:
-    """One RESP bulk string, encoded as hiredis.pack_command encodes the value (a float as its repr)."""
+def _bulk(value: str | int) -> bytes:
+    """One RESP bulk string, encoded as hiredis.pack_command encodes the value."""
     return _bulk_bytes(value.encode() if isinstance(value, str) else str(value).encode())
 
 
@@ -462,9 +478,9 @@ class _Wire:
     `reserve_arguments`/`settle_arguments`, but without re-encoding what repeats call after call.
 
     The planner hands out the same counter objects for as long as their window lasts, so each counter's key
-    and fixed arguments are encoded once (kept by identity, bounded) and a call only encodes what varies: the
-    time, the token counts, the marker and the loop detector's key (its fixed arguments are kept by value, as
-    each call has a counter of its own). Small integers come from a table.
+    and fixed numbers are encoded once (kept by identity, bounded) and a call only encodes what varies: the
+    time, the token counts, the marker and the loop detector's key (its fixed numbers are kept by value, as
+    each call has a counter of its own).
     """
 
     _LIMIT = 4096  # counters kept; planners make new ones as windows roll over and rule sets reload
@@ -473,85 +489,82 @@ class _Wire:
         self._reserve_head = b"$7\r\nEVALSHA\r\n" + _bulk(reserve_sha)
         self._settle_head = b"$7\r\nEVALSHA\r\n" + _bulk(settle_sha)
         self._parts: dict[int, tuple[object, tuple[bytes, ...]]] = {}
-        self._loops: dict[tuple[int, float], tuple[bytes]] = {}
+        self._loops: dict[tuple[int, float], bytes] = {}
 
     def _budget(self, b: BudgetCounter) -> tuple[bytes, ...]:
-        """(key, reserve arguments before the input's charge, alert key, settle arguments after the delta)."""
+        """(key, reserve numbers before the input's charge, alert key, settle numbers after the delta)."""
         entry = self._parts.get(id(b))
         if entry is None or entry[0] is not b:
             if len(self._parts) >= self._LIMIT:
                 self._parts.clear()
             px = _px(b.ttl)
             entry = self._parts[id(b)] = (b, (
-                _bulk(b.key), b"".join(map(_bulk, (b.limit, b.per_output, px))), _bulk(b.alert_key),
-                b"".join(map(_bulk, (px, len(b.alert_at), *(t * b.limit for t in b.alert_at))))))
+                _bulk(b.key), _doubles([b.limit, b.per_output, px]), _bulk(b.alert_key),
+                _doubles([px, len(b.alert_at), *(t * b.limit for t in b.alert_at)])))
         return entry[1]
 
-    def _rate(self, r: RateCounter) -> tuple[bytes, ...]:
-        """(key, reserve arguments before the base cost)."""
+    def _rate(self, r: RateCounter) -> tuple[bytes, bytes]:
+        """(key, reserve numbers before the base cost)."""
         entry = self._parts.get(id(r))
         if entry is None or entry[0] is not r:
-            if r.kind == "loop":  # one per call, never seen again: only its fixed arguments are worth keeping
+            if r.kind == "loop":  # one per call, never seen again: only its fixed numbers are worth keeping
                 fixed = self._loops.get((r.limit, r.period))
                 if fixed is None:
                     if len(self._loops) >= self._LIMIT:
                         self._loops.clear()
                     fixed = self._loops[(r.limit, r.period)] = self._fixed(r)
-                return (_bulk(r.key), *fixed)
+                return _bulk(r.key), fixed
             if len(self._parts) >= self._LIMIT:
                 self._parts.clear()
-            entry = self._parts[id(r)] = (r, (_bulk(r.key), *self._fixed(r)))
-        return entry[1]
+            entry = self._parts[id(r)] = (r, (_bulk(r.key), self._fixed(r)))
+        return entry[1]  # type: ignore[return-value]
 
     @staticmethod
-    def _fixed(r: RateCounter) -> tuple[bytes]:
-        return (b"".join(map(_bulk, (r.period, r.period / r.limit, r.per_output))),)
+    def _fixed(r: RateCounter) -> bytes:
+        return _doubles([r.period, r.period / r.limit, r.per_output])
 
     def reserve(self, plan: Plan) -> bytes:
         spent = plan.input
-        keys, args = [], []
+        keys, numbers = [], [_D(plan.now), _D(plan.output), _D(-1 if plan.min_output is None else plan.min_output),
+                             _D(len(plan.budgets))]
         for b in plan.budgets:
             parts = self._budget(b)
             keys.append(parts[0])
-            args.append(parts[1])
-            args.append(_bulk_int(b.per_input * spent))
+            numbers.append(parts[1])
+            numbers.append(_D(b.per_input * spent))
         for r in plan.rates:
-            parts = self._rate(r)
-            keys.append(parts[0])
-            args.append(parts[1])
-            args.append(_bulk_int(r.per_call + r.per_input * spent))
-        nb, nkeys = len(plan.budgets), len(keys) + 1
+            key, fixed = self._rate(r)
+            keys.append(key)
+            numbers.append(fixed)
+            numbers.append(_D(r.per_call + r.per_input * spent))
+        nkeys = len(keys) + 1
         return b"".join((
-            b"*%d\r\n" % (3 + nkeys + 5 + 4 * (nkeys - 1)), self._reserve_head, _bulk_int(nkeys), *keys,
-            _bulk(plan.marker), _bulk(plan.now.hex()), _bulk_int(plan.output),
-            b"$0\r\n\r\n" if plan.min_output is None else _bulk_int(plan.min_output),
-            _bulk_int(_px(plan.marker_ttl)), _bulk_int(nb), *args))
+            b"*%d\r\n" % (3 + nkeys + 3), self._reserve_head, _bulk_int(nkeys), *keys, _bulk(plan.marker),
+            _bulk_bytes(b"".join(numbers)), _bulk_int(plan.output), _bulk_int(_px(plan.marker_ttl))))
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int, now: float) -> bytes:
         plan = reservation.plan
-        nargs = 2 * len(plan.budgets)
-        budget_keys, alert_keys, budget_args = [], [], []
+        budget_keys, alert_keys, numbers, deltas = [], [], [_D(now), _D(len(plan.budgets))], []
         # Integer arithmetic, as settle_arguments: the difference of the costs, written as one expression.
         more_input, more_output = input_tokens - plan.input, output_tokens - reservation.output
         for b in plan.budgets:
             parts = self._budget(b)
             budget_keys.append(parts[0])
             alert_keys.append(parts[2])
-            budget_args.append(_bulk_int(b.per_input * more_input + b.per_output * more_output))
-            budget_args.append(parts[3])
-            nargs += 3 + len(b.alert_at)
-        rate_keys, rate_args = [], []
+            delta = b.per_input * more_input + b.per_output * more_output
+            numbers.append(_D(delta))
+            numbers.append(parts[3])
+            deltas.append(_bulk_bytes(b"%d" % delta))
+        rate_keys = []
         for r in plan.rates:
             delta = r.per_input * more_input + r.per_output * more_output  # a call count never changes
             if delta:  # as settle_arguments: a counter whose cost did not change is not sent
                 rate_keys.append(self._rate(r)[0])
-                rate_args.append(_bulk((delta * r.period / r.limit).hex()))
-                nargs += 2
+                numbers.append(_D(delta * r.period / r.limit))
         nkeys = 1 + 2 * len(budget_keys) + len(rate_keys)
         return b"".join((
-            b"*%d\r\n" % (3 + 1 + nargs + 2), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
-            *budget_keys, *alert_keys, *rate_keys, _bulk(now.hex()), _bulk_int(len(budget_keys)), *budget_args,
-            *rate_args))
+            b"*%d\r\n" % (3 + nkeys + 1 + len(deltas)), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
+            *budget_keys, *alert_keys, *rate_keys, _bulk_bytes(b"".join(numbers)), *deltas))
 
 
 def _px(seconds: float) -> int:
