@@ -4,14 +4,16 @@
 
 Starts a fast fake upstream, Redis (for the Redis configuration only) and every selected configuration's server
 once, all on CPU 0, warms each, and keeps them all running to the end while `wrk` drives load from CPU 1. Then
-`--rounds` rounds: each measures every configuration in turn, in a short slice (1 s of unmeasured load on fresh
-connections, then `--duration` s measured), starting one configuration later each round so none is always
-measured first, last or at the same moment of a round. It prints one table: requests/s, p50, p99, peak RSS, and
-each configuration's requests/s as a ratio to the passthrough and to the gateway with no limits. Each figure is
-the median over the rounds, and each ratio the median of the ratios within a round. A virtual machine's speed
-drifts by tens of percent over tens of seconds: with no server starting between slices, a round lasts about
-duration + 1 s per configuration (some 35 s for all seven at the defaults), so the two sides of a ratio are
-measured seconds apart, not minutes, and the medians outvote the rounds where drift still moved a ratio.
+`--rounds` rounds: each measures every gateway configuration in a short slice (1 s of unmeasured load on fresh
+connections, then `--duration` s measured), each right after a slice of its passthrough (the streaming one for
+streaming), and starts one gateway configuration later than the round before, so none is always measured first,
+last or at the same moment of a round. It prints one table: requests/s, p50, p99, peak RSS, and each
+configuration's requests/s as a ratio to the passthrough and to the gateway with no limits. Each figure is the
+median over the rounds (the passthrough's over all its slices), and each ratio the median over the rounds of the
+configuration's slice against the passthrough slice just before it. A virtual machine's speed drifts by tens of
+percent within seconds (on this machine two adjacent 1 s slices of the same server differ by 11% on average, and
+slices far apart by more): with no server starting between slices, the two sides of a ratio are measured back to
+back, and the medians outvote the rounds where drift still moved a ratio.
 Needs `wrk` (Debian: apt-get install wrk) and, for the Redis configuration, `redis-server`.
 """
 
@@ -218,19 +220,45 @@ def rotated(configs: list[str], round_: int) -> list[str]:
     return configs[first:] + configs[:first]
 
 
+def baseline_of(config: str) -> str:
+    """The passthrough a configuration is compared with: the streaming one for streaming."""
+    return "passthrough-stream" if config.endswith("stream") else "passthrough"
+
+
+def schedule(configs: list[str], round_: int) -> list[tuple[str, str | None]]:
+    """Round `round_`'s slices in order, each as (configuration, the slice it is compared with): every gateway
+    configuration right after a slice of its passthrough (when that is selected), the gateways rotated."""
+    gateways = [c for c in configs if not c.startswith("passthrough")]
+    slices: list[tuple[str, str | None]] = []
+    for config in rotated(gateways, round_):
+        baseline = baseline_of(config)
+        if baseline in configs:
+            slices.append((baseline, None))
+        slices.append((config, baseline if baseline in configs else None))
+    # A passthrough that no selected gateway is compared with is still measured once a round.
+    slices += [(c, None) for c in configs if c.startswith("passthrough") and all(c != s for s, _ in slices)]
+    return slices
+
+
 def median_of(config: str, runs: list[Result]) -> Result:
-    """Each figure's median over the rounds (peak RSS: the highest), errors summed."""
+    """Each figure's median over the slices (peak RSS: the highest), errors summed."""
     return Result(config, round(statistics.median(r.requests_per_s for r in runs), 1),
                   statistics.median(r.p50_ms for r in runs), statistics.median(r.p99_ms for r in runs),
                   sum(r.errors for r in runs), max(r.peak_rss_mb for r in runs))
 
 
-def ratio(rounds: dict[str, list[Result]], config: str, baseline: str) -> float | None:
-    """The median over the rounds of config's requests/s divided by baseline's in the same round."""
-    if baseline not in rounds or config not in rounds:
+def ratio(pairs: dict[str, list[tuple[Result, Result]]], config: str, over: str | None = None) -> float | None:
+    """The median over the rounds of `config`'s requests/s against the passthrough slice measured just before
+    it; with `over`, that ratio divided by `over`'s own ratio of the same round (each against its own slice)."""
+    if config not in pairs or (over is not None and over not in pairs):
         return None
-    return round(statistics.median(c.requests_per_s / b.requests_per_s
-                                   for c, b in zip(rounds[config], rounds[baseline], strict=True)), 3)
+
+    def of(c: str, round_: int) -> float:
+        result, baseline = pairs[c][round_]
+        return result.requests_per_s / baseline.requests_per_s
+
+    return round(statistics.median(of(config, r) / (of(over, r) if over else 1.0)
+                                   for r in range(len(pairs[config]))), 3)
 
 
 def main() -> int:
@@ -264,31 +292,34 @@ def main() -> int:
         servers = {config: start(config, upstream_url, work, redis_url, args.connections, stack)
                    for config in configs}
         rounds: dict[str, list[Result]] = {config: [] for config in configs}
+        pairs: dict[str, list[tuple[Result, Result]]] = {}  # per gateway: (its slice, the passthrough's before)
         for round_ in range(args.rounds):
-            for config in rotated(configs, round_):
-                rounds[config].append(measure(servers[config], args.duration, args.connections))
-                print(f"  round {round_ + 1}, {config}: {rounds[config][-1].requests_per_s:.0f} req/s",
-                      file=sys.stderr)
+            for config, baseline in schedule(configs, round_):
+                result = measure(servers[config], args.duration, args.connections)
+                rounds[config].append(result)
+                if baseline is not None:
+                    pairs.setdefault(config, []).append((result, rounds[baseline][-1]))
+                print(f"  round {round_ + 1}, {config}: {result.requests_per_s:.0f} req/s", file=sys.stderr)
         results = [median_of(config, rounds[config]) for config in configs]
     for r in results:
-        # Each ratio is the median over the rounds of the ratio within a round (slices at most one round apart),
-        # so drift between rounds cancels and the rounds it hit are outvoted. Streaming is compared with the
-        # passthrough streaming the same answer.
-        baseline = "passthrough-stream" if r.config.endswith("stream") else "passthrough"
-        r.vs_passthrough = ratio(rounds, r.config, baseline)
-        r.vs_no_limits = None if r.config.startswith("passthrough") else ratio(rounds, r.config, "gateway-no-limits")
+        if r.config.startswith("passthrough"):
+            r.vs_passthrough = 1.0
+        else:
+            r.vs_passthrough = ratio(pairs, r.config)
+            r.vs_no_limits = ratio(pairs, r.config, over="gateway-no-limits")
     print(f"\n{'configuration':<24}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'RSS MB':>8}"
           f"{'x pass':>8}{'x no-lim':>9}")
     for r in results:
         print(f"{r.config:<24}{r.requests_per_s:>9.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
               f"{r.peak_rss_mb:>8.1f}{r.vs_passthrough or 0:>8.2f}{r.vs_no_limits or 0:>9.2f}")
     print(f"\n{args.connections} connections, servers started once and kept running on CPU 0, wrk on CPU 1;\n"
-          f"medians of {args.rounds} rounds; each measures every configuration for {args.duration}s after 1s "
-          "unmeasured, order rotated by one a round")
+          f"medians of {args.rounds} rounds; each measures every gateway configuration for {args.duration}s after "
+          "1s unmeasured,\nright after its passthrough, order rotated by one a round; ratios against that slice")
     if args.json:
         Path(args.json).write_text(json.dumps({"connections": args.connections, "duration_s": args.duration,
                                                "rounds": args.rounds,
                                                "per_round": {c: [asdict(r) for r in rs] for c, rs in rounds.items()},
+                                               "schedule": "each gateway slice right after its passthrough's",
                                                "results": [asdict(r) for r in results]}, indent=2))
     return 0
 
