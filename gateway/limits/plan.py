@@ -128,7 +128,7 @@ class Planner:
         plan = Plan(self.agent.id, f"{self._marker_prefix}{next(self._ids)}",
                     MARKER_TTL if settles else RETRY_MARKER_TTL, rates, shape.budgets,
                     action.input_tokens if uses_tokens else 0, output, 1 if shape.clamp and output > 0 else None,
-                    now, settles)
+                    now, settles, shape if not shape.notes else None)  # a shape with notes is built per call
         return Planned(plan, notes)
 
     def _shape(self, action: Action, upstream: UpstreamSpec, uses_tokens: bool, price: PriceSpec | None,

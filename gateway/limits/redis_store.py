@@ -63,9 +63,9 @@ _Queued = tuple[str, list[str], list[bytes | str | int], "asyncio.Future[Any]"] 
 
 # KEYS: budget keys (nb), rate keys (nr, as many as the rest of KEYS), marker.
 # ARGV: the numbers (below), output as text (the marker's value), the marker's TTL as PX text.
-# Numbers: now, output, min_output (-1 when clamping is off), nb,
-#          then per budget: limit, per_output, px, charge for the input (per_input * input);
-#          then per rate: period, interval (period / limit), per_output, base cost (per_call + per_input * input).
+# Numbers: now, output, min_output (-1 when clamping is off), nb, then what varies per call: each budget's charge
+#          for the input (per_input * input), each rate's base cost (per_call + per_input * input); then what does
+#          not: per budget its limit, per_output, px; per rate its period, interval (period / limit), per_output.
 # Reply: {'budget', index} | {'rate', index, retry_after} | {'ok', output, used..., remaining...}.
 # The marker's value is the granted output, so a retried reserve can report it again.
 RESERVE = """
@@ -73,14 +73,14 @@ local call, fmt, floor, ceil = redis.call, string.format, math.floor, math.ceil
 local v = {struct.unpack('<' .. string.rep('d', #ARGV[1] / 8), ARGV[1])}
 local now, output, nb = v[1], v[2], v[4]
 local nr = #KEYS - nb - 1
-local r0 = 4 * nb  -- budget i's numbers follow v[4 * i], rate j's follow v[r0 + 4 * j]
+local b0, r0 = 1 + nb + nr, 1 + 4 * nb + nr  -- budget i's fixed numbers follow v[b0 + 3 * i], rate j's v[r0 + 3 * j]
 local marker = KEYS[nb + nr + 1]
 -- 0. Already reserved? Then this is a retry whose first reply was lost: report it again, charge nothing.
 if not call('SET', marker, ARGV[2], 'NX', 'PX', ARGV[3]) then
   local reply = {'ok', call('GET', marker) * 1}
   for i = 1, nb do reply[2 + i] = (call('GET', KEYS[i]) or 0) * 1 end
   for j = 1, nr do
-    local a = r0 + 4 * j
+    local a = r0 + 3 * j
     local period, interval = v[a + 1], v[a + 2]
     local tat = (call('GET', KEYS[nb + j]) or now) * 1
     if now > tat then tat = now end
@@ -93,10 +93,10 @@ end
 local clamped = false
 local found = {}  -- per budget: its key's text, or false
 for i = 1, nb do
-  local a = 4 * i
+  local a = b0 + 3 * i
   local text = call('GET', KEYS[i])
   local per_output = v[a + 2]
-  local room = v[a + 1] - (text or 0) - v[a + 4]
+  local room = v[a + 1] - (text or 0) - v[4 + i]
   if room < 0 then
     call('DEL', marker)
     return {'budget', i}
@@ -117,9 +117,9 @@ end
 -- 2. Rate counters: GCRA, all checked before any is charged.
 local new_tats, lefts = {}, {}
 for j = 1, nr do
-  local a = r0 + 4 * j
+  local a = r0 + 3 * j
   local period, interval = v[a + 1], v[a + 2]
-  local cost = v[a + 4] + v[a + 3] * output
+  local cost = v[4 + nb + j] + v[a + 3] * output
   local tat = (call('GET', KEYS[nb + j]) or now) * 1
   if now > tat then tat = now end
   local new_tat = tat + cost * interval
@@ -134,8 +134,8 @@ end
 -- A budget key keeps the TTL its window's first charge gave it (INCRBY), so a charge skips SET's expiry work.
 local reply = {'ok', output}
 for i = 1, nb do
-  local a = 4 * i
-  local charge = fmt('%d', v[a + 4] + v[a + 2] * output)
+  local a = b0 + 3 * i
+  local charge = fmt('%d', v[4 + i] + v[a + 2] * output)
   if found[i] then
     reply[2 + i] = call('INCRBY', KEYS[i], charge)
   else
@@ -156,8 +156,8 @@ return reply
 # KEYS: marker, budget keys (nb), alert keys (nb), rate keys (nr, as many as the rest of KEYS: only those whose
 #       cost changed, as the others have nothing to settle).
 # ARGV: the numbers (below), then each budget's delta as text (what INCRBY adds).
-# Numbers: now, nb, then per budget: delta, px, n, n alert levels (threshold * limit); then per rate: its cell's
-#          shift (delta * period / limit).
+# Numbers: now, nb, then what varies per call: each budget's delta, each rate's shift of its cell
+#          (delta * period / limit); then per budget what does not: px, n, n alert levels (threshold * limit).
 # Reply: {applied (0|1), used..., then (budget index, threshold index) pairs of the alerts that fired}.
 SETTLE = """
 local call, fmt, ceil = redis.call, string.format, math.ceil
@@ -171,23 +171,23 @@ if call('DEL', KEYS[1]) == 0 then  -- already settled, or never reserved
 end
 local reply = {1}
 local alerts
-local a = 2
+local a = 2 + nb + nr  -- budget i's fixed numbers follow v[a], a moving past each
 for i = 1, nb do
-  local n = v[a + 3]
+  local n = v[a + 2]
   local total = call('INCRBY', KEYS[1 + i], ARGV[1 + i])
   -- Equal to the delta: the key was absent (expired, or never charged) and has no TTL yet, or it was 0.
-  if total == v[a + 1] then call('PEXPIRE', KEYS[1 + i], fmt('%d', v[a + 2])) end
+  if total == v[2 + i] then call('PEXPIRE', KEYS[1 + i], fmt('%d', v[a + 1])) end
   reply[1 + i] = total
   local crossed = 0
   for t = 1, n do
-    if total >= v[a + 3 + t] then crossed = crossed + 1 end
+    if total >= v[a + 2 + t] then crossed = crossed + 1 end
   end
   if crossed > 0 then  -- how many already fired is read only when one may fire now
     local fired = (call('GET', KEYS[1 + nb + i]) or 0) * 1
     if crossed > fired then  -- thresholds crossed beyond the first `fired` fire now
       local count = 0
       for t = 1, n do
-        if total >= v[a + 3 + t] then
+        if total >= v[a + 2 + t] then
           count = count + 1
           if count > fired then
             alerts = alerts or {}
@@ -196,16 +196,16 @@ for i = 1, nb do
           end
         end
       end
-      call('SET', KEYS[1 + nb + i], crossed, 'PX', fmt('%d', v[a + 2]))
+      call('SET', KEYS[1 + nb + i], crossed, 'PX', fmt('%d', v[a + 1]))
     end
   end
-  a = a + 3 + n
+  a = a + 2 + n
 end
 for j = 1, nr do
   local tat = call('GET', KEYS[1 + 2 * nb + j])
   if tat then
     local now = v[1]
-    local new_tat = tat + v[a + j]
+    local new_tat = tat + v[2 + nb + j]
     local px = ceil(((now > new_tat and now or new_tat) + 1 - now) * 1000)
     call('SET', KEYS[1 + 2 * nb + j], fmt('%.17g', new_tat), 'PX', fmt('%d', px > 1 and px or 1))
   end
@@ -421,10 +421,12 @@ def reserve_arguments(plan: Plan) -> tuple[list[str], list[bytes | str | int]]:
     keys = [b.key for b in plan.budgets] + [r.key for r in plan.rates] + [plan.marker]
     numbers: list[float] = [plan.now, plan.output, -1 if plan.min_output is None else plan.min_output,
                             len(plan.budgets)]
+    numbers += [b.per_input * plan.input for b in plan.budgets]
+    numbers += [r.per_call + r.per_input * plan.input for r in plan.rates]
     for b in plan.budgets:
-        numbers += [b.limit, b.per_output, _px(b.ttl), b.per_input * plan.input]
+        numbers += [b.limit, b.per_output, _px(b.ttl)]
     for r in plan.rates:
-        numbers += [r.period, r.period / r.limit, r.per_output, r.per_call + r.per_input * plan.input]
+        numbers += [r.period, r.period / r.limit, r.per_output]
     return keys, [_doubles(numbers), plan.output, _px(plan.marker_ttl)]
 
 
@@ -433,17 +435,16 @@ def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens:
     """The settle script's KEYS and ARGV (`_Wire` packs the same)."""
     plan = reservation.plan
     keys = [plan.marker, *(b.key for b in plan.budgets), *(b.alert_key for b in plan.budgets)]
-    numbers: list[float] = [now, len(plan.budgets)]
-    deltas: list[bytes | str | int] = []
-    for b in plan.budgets:
-        delta = budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
-        numbers += [delta, _px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
-        deltas.append(delta)
+    deltas = [budget_cost(b, input_tokens, output_tokens) - budget_cost(b, plan.input, reservation.output)
+              for b in plan.budgets]
+    numbers: list[float] = [now, len(plan.budgets), *deltas]
     for r in plan.rates:
         delta = rate_cost(r, input_tokens, output_tokens) - rate_cost(r, plan.input, reservation.output)
         if delta:  # a counter whose cost did not change has nothing to settle: not sending it saves its work
             keys.append(r.key)
             numbers.append(delta * r.period / r.limit)
+    for b in plan.budgets:
+        numbers += [_px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
     return keys, [_doubles(numbers), *deltas]
 
 
@@ -452,7 +453,6 @@ def _doubles(numbers: list[float]) -> bytes:
     return struct.pack(f"<{len(numbers)}d", *numbers)
 
 
-_D = struct.Struct("<d").pack
 _HEADS = tuple(b"$%d\r\n" % n for n in range(512))  # bulk string heads: a lookup, not a format, per value
 
 
@@ -473,98 +473,107 @@ def _bulk_int(value: int) -> bytes:
     return _SMALL[value] if 0 <= value < 256 else _bulk_bytes(b"%d" % value)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Layout:
+    """What the script calls of every plan with the same counters share, encoded once: all but the per-call
+    numbers, the marker and a loop detector's key."""
+
+    loop: bool  # rates[0] is a loop detector: its key is the call's own
+    nb: int
+    budget_inputs: tuple[int, ...]  # per budget: per_input
+    rate_costs: tuple[tuple[int, int], ...]  # per rate: per_call, per_input
+    reserve_head: bytes  # the command's RESP array length, EVALSHA, the script, the key count, the budget keys
+    rate_keys: bytes  # the rates' keys but a loop detector's
+    reserve_numbers: Callable[..., bytes]  # packs the numbers that vary
+    reserve_fixed: bytes  # the numbers that do not
+    settle_budgets: bytes  # the budget keys, then the alert keys
+    budget_prices: tuple[tuple[int, int], ...]  # per budget: per_input, per_output
+    token_rates: tuple[tuple[int, int, float, int, bytes], ...]  # per rate with a token price: per_input,
+    # per_output, period, limit, key
+    settle_fixed: bytes
+
+
 class _Wire:
     """The script calls packed for the RESP connection, byte for byte what hiredis.pack_command makes of
     `reserve_arguments`/`settle_arguments`, but without re-encoding what repeats call after call.
 
-    The planner hands out the same counter objects for as long as their window lasts, so each counter's key
-    and fixed numbers are encoded once (kept by identity, bounded) and a call only encodes what varies: the
-    time, the token counts, the marker and the loop detector's key (its fixed numbers are kept by value, as
-    each call has a counter of its own).
+    A plan's counters are the same as its shape's (`Plan.shape`) for as long as their windows last, so what
+    they share is encoded once into a `_Layout`, kept by the shape's identity (bounded), and a call only encodes
+    what varies: the time, the token counts, the marker and the loop detector's key. A plan without a shape gets
+    a layout of its own.
     """
 
-    _LIMIT = 4096  # counters kept; planners make new ones as windows roll over and rule sets reload
+    _LIMIT = 4096  # layouts kept; planners make new shapes as windows roll over and rule sets reload
 
     def __init__(self, reserve_sha: str, settle_sha: str) -> None:
         self._reserve_head = b"$7\r\nEVALSHA\r\n" + _bulk(reserve_sha)
         self._settle_head = b"$7\r\nEVALSHA\r\n" + _bulk(settle_sha)
-        self._parts: dict[int, tuple[object, tuple[bytes, ...]]] = {}
-        self._loops: dict[tuple[int, float], bytes] = {}
+        self._layouts: dict[int, tuple[object, _Layout]] = {}
 
-    def _budget(self, b: BudgetCounter) -> tuple[bytes, ...]:
-        """(key, reserve numbers before the input's charge, alert key, settle numbers after the delta)."""
-        entry = self._parts.get(id(b))
-        if entry is None or entry[0] is not b:
-            if len(self._parts) >= self._LIMIT:
-                self._parts.clear()
-            px = _px(b.ttl)
-            entry = self._parts[id(b)] = (b, (
-                _bulk(b.key), _doubles([b.limit, b.per_output, px]), _bulk(b.alert_key),
-                _doubles([px, len(b.alert_at), *(t * b.limit for t in b.alert_at)])))
+    def _layout(self, plan: Plan) -> _Layout:
+        shape = plan.shape
+        if shape is None:
+            return self._new_layout(plan)
+        entry = self._layouts.get(id(shape))
+        if entry is None or entry[0] is not shape:  # by identity: a shape gone since may have had this id
+            if len(self._layouts) >= self._LIMIT:
+                self._layouts.clear()
+            entry = self._layouts[id(shape)] = (shape, self._new_layout(plan))
         return entry[1]
 
-    def _rate(self, r: RateCounter) -> tuple[bytes, bytes]:
-        """(key, reserve numbers before the base cost)."""
-        entry = self._parts.get(id(r))
-        if entry is None or entry[0] is not r:
-            if r.kind == "loop":  # one per call, never seen again: only its fixed numbers are worth keeping
-                fixed = self._loops.get((r.limit, r.period))
-                if fixed is None:
-                    if len(self._loops) >= self._LIMIT:
-                        self._loops.clear()
-                    fixed = self._loops[(r.limit, r.period)] = self._fixed(r)
-                return _bulk(r.key), fixed
-            if len(self._parts) >= self._LIMIT:
-                self._parts.clear()
-            entry = self._parts[id(r)] = (r, (_bulk(r.key), self._fixed(r)))
-        return entry[1]  # type: ignore[return-value]
-
-    @staticmethod
-    def _fixed(r: RateCounter) -> bytes:
-        return _doubles([r.period, r.period / r.limit, r.per_output])
+    def _new_layout(self, plan: Plan) -> _Layout:
+        budgets, rates = plan.budgets, plan.rates
+        loop = bool(rates) and rates[0].kind == "loop"
+        nb, nkeys = len(budgets), len(budgets) + len(rates) + 1
+        fixed: list[float] = []
+        for b in budgets:
+            fixed += [b.limit, b.per_output, _px(b.ttl)]
+        for r in rates:
+            fixed += [r.period, r.period / r.limit, r.per_output]
+        settle_fixed: list[float] = []
+        for b in budgets:
+            settle_fixed += [_px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
+        return _Layout(
+            loop, nb, tuple(b.per_input for b in budgets), tuple((r.per_call, r.per_input) for r in rates),
+            b"*%d\r\n" % (3 + nkeys + 3) + self._reserve_head + _bulk_int(nkeys)
+            + b"".join(_bulk(b.key) for b in budgets),
+            b"".join(_bulk(r.key) for r in rates[1 if loop else 0:]),
+            struct.Struct(f"<{4 + nb + len(rates)}d").pack, _doubles(fixed),
+            b"".join([_bulk(b.key) for b in budgets] + [_bulk(b.alert_key) for b in budgets]),
+            tuple((b.per_input, b.per_output) for b in budgets),
+            tuple((r.per_input, r.per_output, r.period, r.limit, _bulk(r.key)) for r in rates
+                  if r.per_input or r.per_output),
+            _doubles(settle_fixed))
 
     def reserve(self, plan: Plan) -> bytes:
+        layout = self._layout(plan)
         spent = plan.input
-        keys, numbers = [], [_D(plan.now), _D(plan.output), _D(-1 if plan.min_output is None else plan.min_output),
-                             _D(len(plan.budgets))]
-        for b in plan.budgets:
-            parts = self._budget(b)
-            keys.append(parts[0])
-            numbers.append(parts[1])
-            numbers.append(_D(b.per_input * spent))
-        for r in plan.rates:
-            key, fixed = self._rate(r)
-            keys.append(key)
-            numbers.append(fixed)
-            numbers.append(_D(r.per_call + r.per_input * spent))
-        nkeys = len(keys) + 1
-        return b"".join((
-            b"*%d\r\n" % (3 + nkeys + 3), self._reserve_head, _bulk_int(nkeys), *keys, _bulk(plan.marker),
-            _bulk_bytes(b"".join(numbers)), _bulk_int(plan.output), _bulk_int(_px(plan.marker_ttl))))
+        numbers = layout.reserve_numbers(
+            plan.now, plan.output, -1 if plan.min_output is None else plan.min_output, layout.nb,
+            *[per_input * spent for per_input in layout.budget_inputs],
+            *[per_call + per_input * spent for per_call, per_input in layout.rate_costs]) + layout.reserve_fixed
+        return b"".join((layout.reserve_head, _bulk(plan.rates[0].key) if layout.loop else b"", layout.rate_keys,
+                         _bulk(plan.marker), _bulk_bytes(numbers), _bulk_int(plan.output),
+                         _bulk_int(_px(plan.marker_ttl))))
 
     def settle(self, reservation: Reservation, input_tokens: int, output_tokens: int, now: float) -> bytes:
         plan = reservation.plan
-        budget_keys, alert_keys, numbers, deltas = [], [], [_D(now), _D(len(plan.budgets))], []
+        layout = self._layout(plan)
         # Integer arithmetic, as settle_arguments: the difference of the costs, written as one expression.
         more_input, more_output = input_tokens - plan.input, output_tokens - reservation.output
-        for b in plan.budgets:
-            parts = self._budget(b)
-            budget_keys.append(parts[0])
-            alert_keys.append(parts[2])
-            delta = b.per_input * more_input + b.per_output * more_output
-            numbers.append(_D(delta))
-            numbers.append(parts[3])
-            deltas.append(_bulk_bytes(b"%d" % delta))
-        rate_keys = []
-        for r in plan.rates:
-            delta = r.per_input * more_input + r.per_output * more_output  # a call count never changes
+        deltas = [per_input * more_input + per_output * more_output for per_input, per_output in layout.budget_prices]
+        rate_keys, shifts = [], []
+        for per_input, per_output, period, limit, key in layout.token_rates:
+            delta = per_input * more_input + per_output * more_output  # a call count never changes
             if delta:  # as settle_arguments: a counter whose cost did not change is not sent
-                rate_keys.append(self._rate(r)[0])
-                numbers.append(_D(delta * r.period / r.limit))
-        nkeys = 1 + 2 * len(budget_keys) + len(rate_keys)
+                rate_keys.append(key)
+                shifts.append(delta * period / limit)
+        numbers = struct.pack(f"<{2 + len(deltas) + len(shifts)}d", now, layout.nb, *deltas, *shifts)
+        nkeys = 1 + 2 * layout.nb + len(rate_keys)
         return b"".join((
-            b"*%d\r\n" % (3 + nkeys + 1 + len(deltas)), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
-            *budget_keys, *alert_keys, *rate_keys, _bulk_bytes(b"".join(numbers)), *deltas))
+            b"*%d\r\n" % (3 + nkeys + 1 + layout.nb), self._settle_head, _bulk_int(nkeys), _bulk(plan.marker),
+            layout.settle_budgets, *rate_keys, _bulk_bytes(numbers + layout.settle_fixed),
+            *[_bulk_bytes(b"%d" % delta) for delta in deltas]))
 
 
 def _px(seconds: float) -> int:

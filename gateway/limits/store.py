@@ -75,6 +75,10 @@ class Plan:
     now: float
     # Whether settlement can change anything (a budget or a token-priced rate); if not, there is none.
     settles: bool = True
+    # The same object for every plan whose counters are the same, but for a loop detector (then `rates[0]`, a
+    # new counter per call with the same numbers): a store may keep work on those counters under it. None: no
+    # promise (a plan built elsewhere).
+    shape: object = None
 
 
 def rate_cost(counter: RateCounter, input_tokens: int, output_tokens: int) -> int:

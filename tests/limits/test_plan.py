@@ -139,6 +139,24 @@ def test_the_loop_detector_comes_first_and_is_keyed_by_the_call() -> None:
     assert a.marker != b.marker  # one reservation marker per call
 
 
+def test_plans_share_a_shape_exactly_while_their_counters_but_the_loop_detector_are_the_same() -> None:
+    rpm = RateLimitSpec("rpm", "minute", None, 100, None, LOC)
+    planner = Planner(agent((tokens_per_day(),), (rpm,), LoopSpec(3, "minute")))
+    a = planner.plan(chat(), OPENAI, "a" * 64, DAY_END - 10).plan
+    b = planner.plan(chat(max_output=9), OPENAI, "b" * 64, DAY_END - 5).plan
+    tomorrow = planner.plan(chat(), OPENAI, "a" * 64, DAY_END + 5).plan
+    erp = planner.plan(Action("erp", "http", "read", resource="vendors"), ERP, "a" * 64, DAY_END - 5).plan
+    assert a is not None and b is not None and tomorrow is not None and erp is not None
+    assert a.shape is not None and b.shape is a.shape
+    assert (b.budgets, b.rates[1:]) == (a.budgets, a.rates[1:]) and b.rates[0] != a.rates[0]
+    assert tomorrow.shape is not a.shape and tomorrow.budgets != a.budgets  # a new window: new counters
+    assert erp.shape is not a.shape
+    # A shape whose notes name the call's model is built per call, so it promises nothing.
+    lenient = Planner(agent((usd_per_month(allow_unestimated=True), tokens_per_day())))
+    noted = lenient.plan(chat("model-a"), OPENAI, "", DAY_END).plan
+    assert noted is not None and noted.budgets and noted.shape is None
+
+
 def test_nothing_to_reserve_without_limits() -> None:
     planned = Planner(agent()).plan(chat(), OPENAI, "", DAY_END)
     assert planned.plan is None and planned.notes == ()

@@ -36,11 +36,17 @@ def _plans() -> list[Plan]:
     ]
 
 
+@pytest.mark.parametrize("shaped", [False, True])
 @pytest.mark.parametrize("index", range(4))
-def test_packed_script_calls_are_byte_for_byte_hiredis_packing_of_the_arguments(index: int) -> None:
+def test_packed_script_calls_are_byte_for_byte_hiredis_packing_of_the_arguments(index: int, shaped: bool) -> None:
     wire = _Wire("r" * 40, "s" * 40)
     plan = _plans()[index]
-    for _ in range(2):  # the second time from the kept parts
+    if shaped:
+        plan = replace(plan, shape=object())
+    for call in range(2):  # with a shape, the second time from its kept layout
+        if call and plan.rates and plan.rates[0].kind == "loop":  # the next call's loop detector: another key
+            plan = replace(plan, rates=(replace(plan.rates[0], key=f"agw:{{bot}}:loop:{'cd' * 16}"),
+                                        *plan.rates[1:]), marker=plan.marker + "b", now=plan.now + 0.25)
         keys, args = reserve_arguments(plan)
         assert wire.reserve(plan) == hiredis.pack_command(("EVALSHA", "r" * 40, len(keys), *keys, *args))
         for used in ((20, 1), (plan.input, plan.output), (0, 0), (10**6, 10**6)):
@@ -50,13 +56,12 @@ def test_packed_script_calls_are_byte_for_byte_hiredis_packing_of_the_arguments(
                 ("EVALSHA", "s" * 40, len(keys), *keys, *args))
 
 
-def test_kept_parts_follow_the_counter_object_not_its_id() -> None:
+def test_a_kept_layout_follows_the_shape_object_not_its_id() -> None:
     wire = _Wire("r" * 40, "s" * 40)
-    plan = _plans()[1]
-    counter = plan.rates[0]
-    stale = replace(counter, key="agw:{bot}:rl:stale")
-    # As if a counter gone since had had this one's id: its kept parts must not be taken for this one's.
-    wire._parts[id(counter)] = (stale, wire._rate(stale))
+    plan = replace(_plans()[1], shape=object())
+    stale = replace(plan, rates=(replace(plan.rates[0], key="agw:{bot}:rl:stale"), *plan.rates[1:]), shape=object())
+    # As if a shape gone since had had this one's id: its layout must not be taken for this one's.
+    wire._layouts[id(plan.shape)] = (stale.shape, wire._new_layout(stale))
     packed = wire.reserve(plan)
     assert b"rl:stale" not in packed and b"agw:{bot}:rl:rpm" in packed
 
