@@ -1,4 +1,4 @@
-"""The call fingerprint: what an approval covers and what loop detection counts, stable across versions."""
+"""The call fingerprint (what an approval covers, stable across versions) and the loop detector's repeat key."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.incoming import Incoming
-from gateway.pipeline import fingerprint
+from gateway.pipeline import fingerprint, repeat_key
 
 HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
 
@@ -32,5 +32,12 @@ def test_fingerprint_is_sha256_of_the_nul_ended_parts_then_the_body_hash() -> No
     # The separators keep parts apart: moving a character across a boundary is another call.
     ("bo", "tpayments", incoming()),
 ])
-def test_every_part_of_the_call_changes_the_fingerprint(other: tuple[str, str, Incoming]) -> None:
+def test_every_part_of_the_call_changes_the_fingerprint_and_the_repeat_key(other: tuple[str, str, Incoming]) -> None:
     assert fingerprint(*other) != fingerprint("bot", "payments", incoming())
+    assert repeat_key(*other) != repeat_key("bot", "payments", incoming())
+
+
+def test_the_repeat_key_is_32_hex_digits_and_the_same_for_the_same_call() -> None:
+    key = repeat_key("bot", "payments", incoming(body=b'{"amount": 1}'))
+    assert len(key) == 32 and int(key, 16) >= 0
+    assert repeat_key("bot", "payments", incoming(body=b'{"amount": 1}')) == key

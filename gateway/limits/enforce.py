@@ -64,10 +64,10 @@ def _note(event: TraceEvent, note: str) -> None:
     event.limits = [*(event.limits or []), note]
 
 
-async def reserve(store: Store, planner: Planner, action: Action, upstream: UpstreamSpec, call_fingerprint: str,
+async def reserve(store: Store, planner: Planner, action: Action, upstream: UpstreamSpec, repeat: str,
                   event: TraceEvent, settler: Settler | None = None) -> Reservation | None:
     """Reserve the call's expected cost on every counter it touches, or raise the refusal."""
-    planned = planner.plan(action, upstream, call_fingerprint, time.time())
+    planned = planner.plan(action, upstream, repeat, time.time())
     for note in planned.notes:
         _note(event, note)
     if planned.plan is None:

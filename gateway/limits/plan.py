@@ -91,8 +91,11 @@ class Planner:
         loop = agent.loop_detection
         self._loop = None if loop is None else (f"{self.tag}:loop:", loop.max_repeats, PERIOD_SECONDS[loop.per])
 
-    def plan(self, action: Action, upstream: UpstreamSpec, call_fingerprint: str, now: float) -> Planned:
-        """The counters this call touches; `policy_denied` when a limit needs an estimate the call cannot give."""
+    def plan(self, action: Action, upstream: UpstreamSpec, repeat: str, now: float) -> Planned:
+        """The counters this call touches; `policy_denied` when a limit needs an estimate the call cannot give.
+
+        `repeat` names the call to the loop detector (`pipeline.repeat_key`): calls with the same one count as
+        repeats."""
         uses_tokens = upstream.kind in LLM_KINDS and action.verb in TOKEN_VERBS
         # Keyed by the model's name, whose price the planner's rule set fixes: a string's hash is cached, where a
         # price's would be computed per call.
@@ -121,7 +124,7 @@ class Planner:
         rates = shape.rates
         loop = self._loop
         if loop is not None:  # first: a looping agent is told so, not just "rate limited"
-            rates = (RateCounter(LOOP_ID, loop[0] + call_fingerprint[:32], loop[1], loop[2], 1, 0, 0, "loop"), *rates)
+            rates = (RateCounter(LOOP_ID, loop[0] + repeat, loop[1], loop[2], 1, 0, 0, "loop"), *rates)
         elif not rates and not shape.budgets:
             return Planned(None, notes)
         settles = shape.settles

@@ -129,8 +129,8 @@ def test_clamping_sets_a_minimum_output() -> None:
 def test_the_loop_detector_comes_first_and_is_keyed_by_the_call() -> None:
     rpm = RateLimitSpec("rpm", "minute", None, 100, None, LOC)
     planner = Planner(agent(rates=(rpm,), loop=LoopSpec(3, "minute")))
-    a = planner.plan(chat(), OPENAI, "a" * 64, DAY_END).plan
-    b = planner.plan(chat(), OPENAI, "b" * 64, DAY_END).plan
+    a = planner.plan(chat(), OPENAI, "a" * 32, DAY_END).plan
+    b = planner.plan(chat(), OPENAI, "b" * 32, DAY_END).plan
     assert a is not None and b is not None
     assert [r.id for r in a.rates] == [LOOP_ID, "rpm"]
     assert (a.rates[0].kind, a.rates[0].limit, a.rates[0].period) == ("loop", 3, 60.0)
