@@ -272,7 +272,7 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamClosed("the upstream sent an unexpected response"))
             return
         headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in zip(names, values, strict=True):
+        for name, value in zip(names, values):  # noqa: B905 (hot; the parser pairs them)
             headers.add(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
         response = UpstreamResponse(status, reason.decode("latin-1"), headers, self)
         self._response = response

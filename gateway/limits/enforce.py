@@ -53,7 +53,7 @@ def _record(event: TraceEvent, reservation: Reservation) -> None:
     plan = reservation.plan
     best: RateCounter | None = None
     best_left, best_share = 0, 0.0
-    for rate, left in zip(plan.rates, reservation.remaining, strict=True):
+    for rate, left in zip(plan.rates, reservation.remaining):  # noqa: B905 (hot; one per rate)
         if rate.kind == "rate" and (best is None or left / rate.limit < best_share):
             best, best_left, best_share = rate, left, left / rate.limit
     if best is not None:

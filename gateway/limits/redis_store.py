@@ -364,7 +364,7 @@ class RedisStore:
                                                                     self._clock()))
         nb = len(plan.budgets)  # every number in the reply an integer
         pairs = reply[1 + nb:]
-        alerts = tuple((i, plan.budgets[i].alert_at[t]) for i, t in zip(pairs[::2], pairs[1::2], strict=True))
+        alerts = tuple((i, plan.budgets[i].alert_at[t]) for i, t in zip(pairs[::2], pairs[1::2]))  # noqa: B905 (hot)
         return Settlement(tuple(reply[1:1 + nb]), alerts, applied=reply[0] == 1)
 
     async def peek(self, rates: tuple[RateCounter, ...], budgets: tuple[BudgetCounter, ...],
