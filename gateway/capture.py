@@ -63,6 +63,9 @@ def secret_value(value: str) -> bool:
     return _SECRET_VALUE.match(value) is not None
 
 
+_NO_HEADERS: Mapping[str, str] = {}
+
+
 class _Node:
     """One key of the projection tree: keep its whole value, redact it, or descend into `wanted` children."""
 
@@ -152,16 +155,17 @@ class Capturer:
     def record_incoming(self, path: str, incoming: Incoming) -> dict[str, Any]:
         """The record of a request as the pipeline holds it (`path`: the full normalised path). Never raises:
         a body that is not JSON is recorded as such, and one no one parsed and nothing needs is left alone."""
+        # The rules' view of the headers is built only if some are recorded (none, when no condition reads one).
+        headers = incoming.rule_headers() if self._headers != () else _NO_HEADERS
         if self._mode == "none" or (not self._wants_body and not incoming.json_parsed()):
-            return self._build(incoming.method, path, incoming.query, incoming.rule_headers(), None,
-                               self._kept_no_body)
+            return self._build(incoming.method, path, incoming.query, headers, None, self._kept_no_body)
         try:
             body = incoming.json()
         except GatewayError:
-            record = self._build(incoming.method, path, incoming.query, incoming.rule_headers(), None, self._kept)
+            record = self._build(incoming.method, path, incoming.query, headers, None, self._kept)
             record["json_invalid"] = True
             return record
-        return self.record(incoming.method, path, incoming.query, incoming.rule_headers(), body)
+        return self.record(incoming.method, path, incoming.query, headers, body)
 
     def record(self, method: str, path: str, query: str, headers: Mapping[str, str], body_json: Any) -> dict[str, Any]:
         """`{method, path, query, headers, json, kept}`; `path` is the full normalised path, upstream included."""
@@ -244,6 +248,8 @@ class Capturer:
         return found
 
     def _pick_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        if self._headers == ():
+            return {}
         if self._headers is not None:
             picked = ((name, headers.get(name)) for name in self._headers)
         else:

@@ -47,6 +47,14 @@ def test_referenced_openai_body_keeps_classifier_fields_but_not_the_prompt() -> 
     assert record(body=responses)["json"] == {"model": "gpt-4o", "max_output_tokens": 9}
 
 
+def test_kept_fields_come_in_the_capture_plan_s_order_whichever_side_is_smaller() -> None:
+    """A body with fewer keys than the plan wants is walked by its own keys; the record reads the same."""
+    small = {"max_tokens": 300, "messages": [], "model": "gpt-4o-mini"}  # 3 keys; the plan wants 11 at the top
+    assert list(record(body=small)["json"].items()) == [("model", "gpt-4o-mini"), ("max_tokens", 300)]
+    many = {f"extra{i}": i for i in range(20)} | {"stream": False, "model": "m", "id": 7}
+    assert list(record(body=many)["json"].items()) == [("model", "m"), ("stream", False), ("id", 7)]
+
+
 def test_referenced_mcp_body_keeps_the_envelope_and_the_read_arguments() -> None:
     call = tool("send_email", 7, to="jane@customer.io", body="refund", attachment="...")
     out = record(referenced=frozenset({("params", "arguments", "to")}), body=call, path="/crm-tools/mcp")
