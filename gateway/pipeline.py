@@ -187,9 +187,8 @@ def decide_all(policy: Policy, agent: AgentPolicy, classified: Classified, incom
 
 def fingerprint(agent: str, upstream: str, incoming: Incoming) -> str:
     """What an approval covers: this agent, upstream, method, normalised path, query and exact body."""
-    # One hash over the parts, each ended by a NUL, then the body's own hash: one update, not eleven.
-    head = f"{agent}\0{upstream}\0{incoming.method}\0{incoming.path}\0{incoming.query}\0".encode()
-    return hashlib.sha256(head + hashlib.sha256(incoming.body).digest()).hexdigest()
+    # One hash over the parts, then the body's own hash: one update, not eleven.
+    return hashlib.sha256(_call_parts(agent, upstream, incoming) + hashlib.sha256(incoming.body).digest()).hexdigest()
 
 
 def repeat_key(agent: str, upstream: str, incoming: Incoming) -> str:
@@ -197,5 +196,9 @@ def repeat_key(agent: str, upstream: str, incoming: Incoming) -> str:
 
     One BLAKE2b over the parts and the body costs 9k instructions where the fingerprint's two SHA-256 cost 21k,
     and it is paid on every call of an agent with loop detection; 128 bits keep apart any calls that differ."""
-    head = f"{agent}\0{upstream}\0{incoming.method}\0{incoming.path}\0{incoming.query}\0".encode()
-    return hashlib.blake2b(head + incoming.body, digest_size=16).hexdigest()
+    return hashlib.blake2b(_call_parts(agent, upstream, incoming) + incoming.body, digest_size=16).hexdigest()
+
+
+def _call_parts(agent: str, upstream: str, incoming: Incoming) -> bytes:
+    """Who calls what, each part ended by a NUL, so no character can move across a boundary unseen."""
+    return f"{agent}\0{upstream}\0{incoming.method}\0{incoming.path}\0{incoming.query}\0".encode()

@@ -144,7 +144,7 @@ class MemoryStore:
             if crossed:  # how many already fired is read only when one may fire now, as the script does
                 fired = int(self._get(budget.alert_key, now) or 0)
                 if crossed > fired:
-                    reached = [t for t in budget.alert_at if total >= t * budget.limit]
+                    reached = [t for t in budget.alert_at if total >= t * limit]
                     alerts.extend((i, t) for t in reached[fired:])
                     cells[budget.alert_key] = (crossed, now + budget.ttl)
         for rate in plan.rates:

@@ -423,11 +423,7 @@ def reserve_arguments(plan: Plan) -> tuple[list[str], list[bytes | str | int]]:
                             len(plan.budgets)]
     numbers += [b.per_input * plan.input for b in plan.budgets]
     numbers += [r.per_call + r.per_input * plan.input for r in plan.rates]
-    for b in plan.budgets:
-        numbers += [b.limit, b.per_output, _px(b.ttl)]
-    for r in plan.rates:
-        numbers += [r.period, r.period / r.limit, r.per_output]
-    return keys, [_doubles(numbers), plan.output, _px(plan.marker_ttl)]
+    return keys, [_doubles(numbers + _reserve_fixed(plan)), plan.output, _px(plan.marker_ttl)]
 
 
 def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens: int,
@@ -443,9 +439,26 @@ def settle_arguments(reservation: Reservation, input_tokens: int, output_tokens:
         if delta:  # a counter whose cost did not change has nothing to settle: not sending it saves its work
             keys.append(r.key)
             numbers.append(delta * r.period / r.limit)
+    return keys, [_doubles(numbers + _settle_fixed(plan)), *deltas]
+
+
+def _reserve_fixed(plan: Plan) -> list[float]:
+    """The reserve's numbers that only the counters fix: per budget its limit, per_output, px; per rate its
+    period, interval, per_output."""
+    fixed: list[float] = []
     for b in plan.budgets:
-        numbers += [_px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
-    return keys, [_doubles(numbers), *deltas]
+        fixed += [b.limit, b.per_output, _px(b.ttl)]
+    for r in plan.rates:
+        fixed += [r.period, r.period / r.limit, r.per_output]
+    return fixed
+
+
+def _settle_fixed(plan: Plan) -> list[float]:
+    """The settle's numbers that only the budgets fix: per budget its px, its alert count, its alert levels."""
+    fixed: list[float] = []
+    for b in plan.budgets:
+        fixed += [_px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
+    return fixed
 
 
 def _doubles(numbers: list[float]) -> bytes:
@@ -525,25 +538,17 @@ class _Wire:
         budgets, rates = plan.budgets, plan.rates
         loop = bool(rates) and rates[0].kind == "loop"
         nb, nkeys = len(budgets), len(budgets) + len(rates) + 1
-        fixed: list[float] = []
-        for b in budgets:
-            fixed += [b.limit, b.per_output, _px(b.ttl)]
-        for r in rates:
-            fixed += [r.period, r.period / r.limit, r.per_output]
-        settle_fixed: list[float] = []
-        for b in budgets:
-            settle_fixed += [_px(b.ttl), len(b.alert_at), *(t * b.limit for t in b.alert_at)]
         return _Layout(
             loop, nb, tuple(b.per_input for b in budgets), tuple((r.per_call, r.per_input) for r in rates),
             b"*%d\r\n" % (3 + nkeys + 3) + self._reserve_head + _bulk_int(nkeys)
             + b"".join(_bulk(b.key) for b in budgets),
             b"".join(_bulk(r.key) for r in rates[1 if loop else 0:]),
-            struct.Struct(f"<{4 + nb + len(rates)}d").pack, _doubles(fixed),
+            struct.Struct(f"<{4 + nb + len(rates)}d").pack, _doubles(_reserve_fixed(plan)),
             b"".join([_bulk(b.key) for b in budgets] + [_bulk(b.alert_key) for b in budgets]),
             tuple((b.per_input, b.per_output) for b in budgets),
             tuple((r.per_input, r.per_output, r.period, r.limit, _bulk(r.key)) for r in rates
                   if r.per_input or r.per_output),
-            _doubles(settle_fixed))
+            _doubles(_settle_fixed(plan)))
 
     def reserve(self, plan: Plan) -> bytes:
         layout = self._layout(plan)
